@@ -1,0 +1,198 @@
+"""Shipper: one long-lived gRPC stream from the spool to the collector.
+
+Batches go out in sequence order, at most `max_inflight` unacknowledged at a time. An OK
+acknowledgement removes the batch from the spool; a permanent rejection (INVALID_ARGUMENT, a batch
+over the size limit) moves it to the dead-letter file, since resending it would fail forever; a
+retryable one (backpressure, store down), a broken stream or
+an acknowledgement that does not come within `ack_timeout_s` close the stream, and after a
+jittered exponential backoff everything unacknowledged is sent again. The collector's store
+is idempotent on (host id, GPU UUID, window start), so a resend never doubles a figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import grpc
+
+from gpuledger.agent.spool import Spool
+from gpuledger.v1 import telemetry_pb2
+
+log = logging.getLogger(__name__)
+
+STREAM_METHOD = "/gpuledger.v1.Telemetry/Stream"
+
+
+@dataclass
+class ShipperStats:
+    sent: int = 0
+    acked: int = 0
+    acked_windows: int = 0
+    rejected: int = 0
+    retried: int = 0
+    reconnects: int = 0
+    last_error: str = ""
+
+
+class Backoff:
+    """Full-jitter exponential backoff: sleep uniformly in [0, min(max, initial * 2^n)]."""
+
+    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.initial_s, self.max_s = initial_s, max_s
+        self.attempt = 0
+        self.rng = rng or random.Random()
+
+    def next(self) -> float:
+        cap = min(self.max_s, self.initial_s * (2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return self.rng.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Shipper:
+    def __init__(self, target: str, spool: Spool, *, token: str | None = None,
+                 channel_credentials: grpc.ChannelCredentials | None = None, max_inflight: int = 8,
+                 ack_timeout_s: float = 30.0, backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
+                 options: list | None = None) -> None:
+        self.target = target
+        self.spool = spool
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.credentials = channel_credentials
+        self.max_inflight = max_inflight
+        self.ack_timeout_s = ack_timeout_s
+        self.backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self.options = (options or []) + [("grpc.max_send_message_length", 64 << 20),
+                                          ("grpc.keepalive_time_ms", 30_000)]
+        self.stats = ShipperStats()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._call = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Shipper:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gpuledger-shipper", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop shipping; with a drain timeout, first wait for the spool to empty."""
+        if drain_timeout_s > 0:
+            self.drain(drain_timeout_s)
+        self._stop.set()
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def drain(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.spool.pending_count() == 0:
+                return True
+            time.sleep(0.02)
+        return self.spool.pending_count() == 0
+
+    # ------------------------------------------------------------------ loop
+    def _channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials, options=self.options)
+        return grpc.insecure_channel(self.target, options=self.options)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.spool.pending_count() == 0 and not self.spool.wait(self.spool.acked_seq, 0.5):
+                continue
+            try:
+                progressed = self._stream_once()
+            except grpc.RpcError as e:
+                progressed = False
+                code = e.code() if hasattr(e, "code") else None
+                if code != grpc.StatusCode.CANCELLED or not self._stop.is_set():
+                    self.stats.last_error = f"{code}: {e.details() if hasattr(e, 'details') else e}"
+                    log.warning("stream to %s ended: %s", self.target, self.stats.last_error)
+            if self._stop.is_set():
+                break
+            if progressed:
+                self.backoff.reset()
+            self.stats.reconnects += 1
+            self._stop.wait(self.backoff.next())
+
+    def _stream_once(self) -> bool:
+        """Run one stream until it breaks; True if at least one batch was acknowledged."""
+        inflight: deque[tuple[int, float]] = deque()
+        cond = threading.Condition()
+        done = threading.Event()
+        progressed = False
+
+        def requests():
+            sent_upto = self.spool.acked_seq
+            while not done.is_set() and not self._stop.is_set():
+                with cond:
+                    room = self.max_inflight - len(inflight)
+                    if inflight and time.monotonic() - inflight[0][1] > self.ack_timeout_s:
+                        log.warning("no acknowledgement for seq %d within %.0fs; reconnecting", inflight[0][0],
+                                    self.ack_timeout_s)
+                        with self._lock:
+                            if self._call is not None:
+                                self._call.cancel()
+                        return
+                recs = self.spool.pending(after_seq=sent_upto, limit=room) if room > 0 else []
+                if not recs:
+                    with cond:
+                        cond.wait(0.05)
+                    continue
+                for rec in recs:
+                    payload = self.spool.read(rec)
+                    with cond:
+                        inflight.append((rec.seq, time.monotonic()))
+                    sent_upto = rec.seq
+                    self.stats.sent += 1
+                    yield payload
+
+        with self._channel() as channel:
+            stream = channel.stream_stream(STREAM_METHOD, request_serializer=None,
+                                           response_deserializer=telemetry_pb2.Ack.FromString)
+            call = stream(requests(), metadata=self.metadata)
+            with self._lock:
+                self._call = call
+            try:
+                for ack in call:
+                    with cond:
+                        while inflight and inflight[0][0] < ack.seq:
+                            inflight.popleft()  # acknowledged implicitly by a later seq
+                        if inflight and inflight[0][0] == ack.seq:
+                            inflight.popleft()
+                        cond.notify_all()
+                    if ack.code == 0:
+                        self.spool.ack(ack.seq)
+                        self.stats.acked += 1
+                        self.stats.acked_windows += ack.stored_windows
+                        progressed = True
+                    elif not ack.retryable:
+                        self.stats.rejected += 1
+                        self.spool.dead_letter(ack.seq, ack.message)
+                        progressed = True
+                    else:
+                        self.stats.retried += 1
+                        self.stats.last_error = f"collector code {ack.code}: {ack.message}"
+                        log.warning("collector deferred seq %d (%s); backing off", ack.seq, ack.message)
+                        call.cancel()
+                        break
+            finally:
+                done.set()
+                with cond:
+                    cond.notify_all()
+                with self._lock:
+                    self._call = None
+        return progressed

@@ -1,0 +1,295 @@
+"""A simulated fleet: realistic GPU behaviour from a seed and an injected clock.
+
+Profiles:
+- training: a job at ~95 % utilization with periodic input stalls (held, 0 %), between jobs
+  the GPU is free;
+- notebook: a kernel holds the GPU all day, with rare bursts of work;
+- inference: an endpoint holds the GPU, utilization follows a diurnal traffic curve;
+- idle: no process at all;
+plus NVML outages (no readings at all) on some GPUs, which must show up as unmonitored.
+
+The source keeps its own ground truth (active / idle-held / idle-free / unmonitored seconds per
+GPU) from exactly the samples it hands out, so tests can compare the pipeline against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpuledger.agent.source import (
+    GaugeReadings,
+    GpmReadings,
+    GpuFacts,
+    ProcessIdentity,
+    ProcReadings,
+    Readings,
+    UtilReadings,
+)
+
+DAY_S = 86_400.0
+
+# Simulated characteristics by GPU model: (memory GiB, idle W, max W, sample period us)
+GPU_MODELS = {
+    "H100": (80, 70, 700, 166_667),
+    "H200": (141, 75, 700, 166_667),
+    "A100": (40, 50, 400, 166_667),
+    "L40S": (48, 35, 350, 166_667),
+    "A10G": (24, 25, 300, 1_000_000),
+    "L4": (24, 16, 72, 1_000_000),
+    "T4": (16, 10, 70, 1_000_000),
+    "V100": (16, 40, 300, 1_000_000),
+}
+PROFILES = ("training", "notebook", "inference", "idle")
+
+
+@dataclass
+class Truth:
+    active_s: float = 0.0
+    idle_held_s: float = 0.0
+    idle_free_s: float = 0.0
+    unmonitored_s: float = 0.0
+
+    def total_s(self) -> float:
+        return self.active_s + self.idle_held_s + self.idle_free_s + self.unmonitored_s
+
+
+@dataclass(frozen=True)
+class SimGpu:
+    profile: str
+    team: str = "research"
+    project: str = "default"
+    outage: tuple[float, float] | None = None  # [start, end) seconds after the source's start
+
+
+@dataclass
+class _State:
+    next_end_us: int
+    energy_mj: float = 0.0
+    last_gauge_us: int = 0
+    job_pid: int = 0
+    job_start_us: int = -1
+
+
+def _stable_seed(*parts) -> int:
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+class SimulatedSource:
+    """GpuSource for one simulated host. Deterministic for a given seed and poll sequence."""
+
+    def __init__(self, host_id: str, gpu_model: str, gpus: list[SimGpu], start_us: int, seed: int = 0,
+                 sample_period_us: int | None = None) -> None:
+        mem_gib, self._idle_w, self._max_w, period = GPU_MODELS[gpu_model]
+        self.period_us = int(sample_period_us or period)
+        self.host_id = host_id
+        self.model = gpu_model
+        self.spec = list(gpus)
+        self.start_us = int(start_us)
+        self.seed = seed
+        self._mem_total = mem_gib * 2**30
+        self._facts = [
+            GpuFacts(
+                uuid="GPU-" + hashlib.blake2b(f"{host_id}/{i}/{seed}".encode(), digest_size=16).hexdigest(),
+                index=i,
+                name=f"NVIDIA {gpu_model} (simulated)",
+                mem_total_bytes=self._mem_total,
+                util_method="simulated",
+            )
+            for i in range(len(gpus))
+        ]
+        # the first sample ends one period after start, at a per-GPU phase
+        self._state = [_State(next_end_us=self.start_us + self.period_us, last_gauge_us=self.start_us)
+                       for _ in gpus]
+        self.truth = [Truth() for _ in gpus]
+        self._truth_until_us = self.start_us
+        self._closed = False
+
+    # -- GpuSource
+    def gpus(self) -> list[GpuFacts]:
+        return list(self._facts)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def poll(self, now_us: int) -> Readings:
+        util_parts, proc_parts, gauge_rows, processes = [], [], [], []
+        for g, spec in enumerate(self.spec):
+            st = self._state[g]
+            n = (now_us - st.next_end_us) // self.period_us + 1
+            if n <= 0:
+                continue
+            ends = st.next_end_us + self.period_us * np.arange(n, dtype=np.int64)
+            st.next_end_us = int(ends[-1]) + self.period_us
+            starts = ends - self.period_us
+            rel_s = (ends - self.start_us) / 1e6
+            pct, held, job = self._behaviour(g, spec, rel_s, ends)
+            out = np.zeros(n, bool)
+            if spec.outage is not None:
+                out = (rel_s > spec.outage[0]) & (rel_s <= spec.outage[1])
+            self._account(g, starts, ends, pct, held, out)
+            keep = ~out
+            util_parts.append((np.full(int(keep.sum()), g, np.int32), starts[keep], ends[keep],
+                               pct[keep].astype(np.float32), held[keep].astype(np.uint8)))
+            # one process per GPU while held; identity changes per job
+            hk = held & keep
+            if hk.any():
+                ids = np.unique(job[hk])
+                for jid in ids:
+                    sel = hk & (job == jid)
+                    ref = len(processes)
+                    processes.append(self._identity(g, spec, int(jid)))
+                    m = int(sel.sum())
+                    proc_parts.append((np.full(m, g, np.int32), np.full(m, ref, np.int32), starts[sel],
+                                       ends[sel], pct[sel].astype(np.float32),
+                                       np.full(m, 0.6 * self._mem_total)))
+            if keep[-1]:
+                busy = float(pct[keep].mean()) / 100.0 if keep.any() else 0.0
+                dt_s = (now_us - st.last_gauge_us) / 1e6
+                power_w = self._idle_w + (self._max_w - self._idle_w) * busy
+                st.energy_mj += power_w * dt_s * 1000.0
+                st.last_gauge_us = now_us
+                mem = 0.6 * self._mem_total if held[-1] else 300 * 2**20
+                gauge_rows.append((g, now_us, round(st.energy_mj), power_w * 1000.0, mem, 30 + 50 * busy))
+            else:
+                st.last_gauge_us = now_us
+        self._truth_until_us = max(self._truth_until_us, min(s.next_end_us - self.period_us for s in self._state))
+        return Readings(
+            util=_cat_util(util_parts),
+            gauges=_gauges(gauge_rows),
+            gpm=GpmReadings(),
+            procs=_cat_procs(proc_parts),
+            processes=processes,
+        )
+
+    # -- behaviour
+    def _behaviour(self, g: int, spec: SimGpu, rel_s: np.ndarray, ends: np.ndarray):
+        """Utilization (integer percent), held flag and job id for samples ending at rel_s."""
+        rng = np.random.default_rng(_stable_seed(self.seed, self.host_id, g, int(ends[0])))
+        n = rel_s.size
+        day = (rel_s % DAY_S) / DAY_S
+        job = np.zeros(n, np.int64)
+        if spec.profile == "training":
+            # 7 h jobs separated by 1 h gaps; 40 s input stall every 6 min
+            cycle = rel_s % (8 * 3600)
+            held = cycle < 7 * 3600
+            job = (rel_s // (8 * 3600)).astype(np.int64) + 1
+            stall = (cycle % 360) >= 320
+            pct = np.clip(rng.normal(95, 3, n), 0, 100)
+            pct = np.where(stall | ~held, 0, pct)
+        elif spec.profile == "notebook":
+            held = np.ones(n, bool)
+            minute = (rel_s // 60).astype(np.int64)
+            burst = (np.sin(minute * 12.9898 + g) * 43758.5453) % 1.0 < 0.06
+            pct = np.where(burst, np.clip(rng.normal(70, 15, n), 0, 100), 0)
+            job[:] = 1
+        elif spec.profile == "inference":
+            held = np.ones(n, bool)
+            traffic = 0.45 + 0.4 * np.sin(2 * math.pi * (day - 0.3))
+            pct = np.clip(rng.normal(traffic * 100, 6, n), 0, 100)
+            job[:] = 1
+        else:  # idle
+            held = np.zeros(n, bool)
+            pct = np.zeros(n)
+        return np.rint(pct), held, job
+
+    def _identity(self, g: int, spec: SimGpu, job: int) -> ProcessIdentity:
+        pid = 1000 + (_stable_seed(self.host_id, g, job) % 60000)
+        start_ms = (self.start_us // 1000) + (job - 1) * 8 * 3600 * 1000 if spec.profile == "training" else (
+            self.start_us // 1000 - 3600_000)
+        workload = {"training": "train", "notebook": "notebook", "inference": "inference"}[spec.profile]
+        tags = [("team", spec.team), ("project", spec.project), ("workload", workload),
+                ("phase", "production" if spec.profile == "inference" else "experiment")]
+        if spec.profile == "training":
+            tags.append(("mlflow_run_id", f"run-{self.host_id}-{g}-{job}"))
+        if spec.profile == "inference":
+            tags.append(("endpoint", f"{spec.project}-endpoint"))
+        return ProcessIdentity(pid=int(pid), start_ms=int(start_ms),
+                               command={"training": "python train.py", "notebook": "jupyter-kernel",
+                                        "inference": "vllm serve"}[spec.profile],
+                               container_id=f"sim{_stable_seed(self.host_id, g, job) % 10**12:012x}",
+                               tags=tuple(sorted(tags)))
+
+    def _account(self, g, starts, ends, pct, held, out) -> None:
+        dur = (ends - starts) / 1e6
+        t = self.truth[g]
+        mon = ~out
+        busy = dur * pct / 100.0
+        t.active_s += float(busy[mon].sum())
+        t.idle_held_s += float((dur - busy)[mon & held].sum())
+        t.idle_free_s += float((dur - busy)[mon & ~held].sum())
+        t.unmonitored_s += float(dur[out].sum())
+
+    def truth_until_us(self) -> int:
+        """Ground truth covers [start_us, this) for every GPU."""
+        return self._truth_until_us
+
+
+def _cat_util(parts) -> UtilReadings:
+    if not parts:
+        return UtilReadings()
+    return UtilReadings(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
+
+
+def _cat_procs(parts) -> ProcReadings:
+    if not parts:
+        return ProcReadings()
+    return ProcReadings(*(np.concatenate([p[i] for p in parts]) for i in range(6)))
+
+
+def _gauges(rows) -> GaugeReadings:
+    if not rows:
+        return GaugeReadings()
+    g, t, e, p, m, c = zip(*rows, strict=True)
+    return GaugeReadings(np.asarray(g, np.int32), np.asarray(t, np.int64), np.asarray(e, np.float64),
+                         np.asarray(p, np.float64), np.asarray(m, np.float64), np.asarray(c, np.float64))
+
+
+# ----------------------------------------------------------------------------- fleets
+
+
+@dataclass(frozen=True)
+class SimHost:
+    host_id: str
+    provider: str
+    region: str
+    instance_type: str
+    gpu_model: str
+    gpus: tuple[SimGpu, ...]
+    tags: dict = field(default_factory=dict)
+
+
+# (provider, region, instance type, GPU model, GPU count) from the shipped catalog
+_FLEET_SHAPES = [
+    ("aws", "us-east-1", "p5.48xlarge", "H100", 8),
+    ("aws", "us-east-1", "p4d.24xlarge", "A100", 8),
+    ("aws", "us-east-1", "g5.12xlarge", "A10G", 4),
+    ("aws", "us-east-1", "g6e.12xlarge", "L40S", 4),
+    ("aws", "us-east-1", "g4dn.xlarge", "T4", 1),
+    ("gcp", "us-central1", "a2-highgpu-1g", "A100", 1),
+    ("azure", "eastus", "Standard_NC64as_T4_v3", "T4", 4),
+    ("aws", "us-east-1", "g6.48xlarge", "L4", 8),
+]
+_TEAMS = [("research", "llm-pretrain"), ("search", "ranker"), ("vision", "detector"), ("platform", "chat-api")]
+
+
+def simulated_fleet(n_hosts: int = 8, seed: int = 7) -> list[SimHost]:
+    """A mixed fleet: every profile present, one NVML outage, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    hosts = []
+    for h in range(n_hosts):
+        provider, region, itype, model, count = _FLEET_SHAPES[h % len(_FLEET_SHAPES)]
+        gpus = []
+        for g in range(count):
+            profile = PROFILES[int(rng.integers(0, len(PROFILES)))] if count > 1 else PROFILES[h % 4]
+            team, project = _TEAMS[int(rng.integers(0, len(_TEAMS)))]
+            outage = (3 * 3600.0, 3 * 3600.0 + 1200.0) if (h == 1 and g == 0) else None
+            gpus.append(SimGpu(profile=profile, team=team, project=project, outage=outage))
+        hosts.append(SimHost(host_id=f"sim-{h:03d}-{itype}", provider=provider, region=region,
+                             instance_type=itype, gpu_model=model, gpus=tuple(gpus),
+                             tags={"team": "platform", "cloud_account": f"{provider}-prod"}))
+    return hosts

@@ -1,0 +1,271 @@
+"""Windower: keeps readings across polls and closes wall-clock-aligned windows.
+
+Windows are [k*W, (k+1)*W) in the agent's wall clock. `close(now)` emits every window that
+ended at least `lateness` ago (the driver's sample buffer delivers a period after it ends),
+keeping the readings that still reach into open windows. A reading is folded once per window
+it overlaps, clipped to the closed range, so no period is lost or counted twice across calls.
+A window without readings is emitted too, as unmonitored, never as idle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from gpuledger.agent import kernels
+from gpuledger.agent.source import GpuFacts, ProcessIdentity, Readings
+from gpuledger.schema import GPU_WINDOW_SCHEMA, HIST_BUCKETS, PROC_WINDOW_SCHEMA
+
+
+@dataclass
+class Closed:
+    """Windows closed by one call: Arrow tables in the wire schemas plus the processes they name."""
+
+    gpu: pa.Table
+    proc: pa.Table
+    processes: list[ProcessIdentity] = field(default_factory=list)
+    start_ms: int = 0
+    end_ms: int = 0
+
+    @property
+    def n_windows(self) -> int:
+        return self.gpu.num_rows
+
+
+class _Buf:
+    """Append-only list of column chunks; compacted on demand."""
+
+    def __init__(self, n_cols: int) -> None:
+        self.parts: list[tuple[np.ndarray, ...]] = []
+        self.n_cols = n_cols
+
+    def add(self, cols: tuple[np.ndarray, ...]) -> None:
+        if cols[0].size:
+            self.parts.append(cols)
+
+    def take(self) -> tuple[np.ndarray, ...] | None:
+        if not self.parts:
+            return None
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return tuple(np.concatenate([p[i] for p in self.parts]) for i in range(self.n_cols))
+
+    def keep(self, cols: tuple[np.ndarray, ...] | None, mask: np.ndarray) -> None:
+        self.parts = [] if cols is None or not mask.any() else [tuple(c[mask] for c in cols)]
+
+
+def _round_u32(x: np.ndarray) -> np.ndarray:
+    return np.rint(np.nan_to_num(x, nan=0.0)).astype(np.int64)
+
+
+class Windower:
+    def __init__(self, gpus: list[GpuFacts], window_s: float = 10.0, lateness_s: float = 2.0,
+                 start_us: int | None = None) -> None:
+        self.gpus = list(gpus)
+        self.window_us = int(round(window_s * 1e6))
+        if self.window_us <= 0 or self.window_us % 1000:
+            raise ValueError("window_s must be a positive whole number of milliseconds")
+        self.lateness_us = int(round(lateness_s * 1e6))
+        self.closed_until_us: int | None = None
+        if start_us is not None:
+            self.closed_until_us = (int(start_us) // self.window_us) * self.window_us
+        self._util = _Buf(5)
+        self._gauge = _Buf(7)
+        self._gpm = _Buf(7)
+        self._proc = _Buf(5)  # key, t0, t1, pct, mem
+        self._last_gauge: dict[int, tuple[int, float]] = {}
+        self._proc_keys: dict[tuple[int, int, int], int] = {}
+        self._proc_key_list: list[tuple[int, int, int]] = []
+        self._identities: dict[tuple[int, int], ProcessIdentity] = {}
+        self.late_readings = 0
+
+    # ------------------------------------------------------------------ input
+    def add(self, r: Readings) -> None:
+        u = r.util
+        self._util.add((u.gpu, u.t0_us, u.t1_us, u.pct, u.held))
+        g = r.gauges
+        if g.gpu.size:
+            t0 = np.empty(g.gpu.size, np.int64)
+            de = np.full(g.gpu.size, np.nan)
+            for i in range(g.gpu.size):  # a handful of GPUs per poll
+                k = int(g.gpu[i])
+                t, e = int(g.t_us[i]), float(g.energy_mj[i])
+                prev = self._last_gauge.get(k)
+                if prev is None or prev[0] >= t:
+                    t0[i] = t
+                else:
+                    t0[i] = prev[0]
+                    if e == e and prev[1] == prev[1] and e >= prev[1]:
+                        de[i] = e - prev[1]
+                self._last_gauge[k] = (t, e)
+            self._gauge.add((g.gpu, t0, g.t_us, de, g.power_mw, g.mem_used_bytes, g.temp_c))
+        m = r.gpm
+        self._gpm.add((m.gpu, m.t0_us, m.t1_us, m.sm_active_pct, m.sm_occupancy_pct, m.tensor_active_pct,
+                       m.dram_active_pct))
+        p = r.procs
+        if p.gpu.size:
+            nref = max(len(r.processes), 1)
+            pair, inverse = np.unique(p.gpu.astype(np.int64) * nref + p.proc, return_inverse=True)
+            mapped = np.empty(pair.size, np.int32)
+            for j, code in enumerate(pair.tolist()):
+                gi, ref = divmod(code, nref)
+                ident = r.processes[ref]
+                pk = (gi, ident.pid, ident.start_ms)
+                k = self._proc_keys.get(pk)
+                if k is None:
+                    k = len(self._proc_key_list)
+                    self._proc_keys[pk] = k
+                    self._proc_key_list.append(pk)
+                self._identities[(ident.pid, ident.start_ms)] = ident
+                mapped[j] = k
+            keys = mapped[inverse.reshape(-1)]
+            self._proc.add((keys, p.t0_us, p.t1_us, p.pct, p.mem_bytes))
+
+    # ------------------------------------------------------------------ output
+    def close(self, now_us: int, final: bool = False) -> Closed | None:
+        """Close every window that ended `lateness` before now (or, if final, that has begun)."""
+        W = self.window_us
+        edge = now_us if final else now_us - self.lateness_us
+        new_closed = (edge // W) * W
+        if final and new_closed < now_us:
+            new_closed += W
+        if self.closed_until_us is None:
+            first = self._earliest()
+            if first is None:
+                return None
+            self.closed_until_us = (first // W) * W
+        lo = self.closed_until_us
+        if new_closed <= lo:
+            return None
+        n_win = int((new_closed - lo) // W)
+        n_gpu = len(self.gpus)
+        closed = self._fold(lo, n_win, n_gpu)
+        self.closed_until_us = new_closed
+        return closed
+
+    def _earliest(self) -> int | None:
+        cands = [p[1].min() for buf in (self._util, self._gpm, self._proc) for p in buf.parts]
+        cands += [p[2].min() for p in self._gauge.parts]
+        return int(min(cands)) if cands else None
+
+    def _fold(self, lo: int, n_win: int, n_gpu: int) -> Closed:
+        W = self.window_us
+        hi = lo + n_win * W
+        win_ms = W // 1000
+        util = self._util.take()
+        if util is None:
+            empty = np.zeros(0)
+            util = (empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.int64),
+                    empty.astype(np.float32), empty.astype(np.uint8))
+        self.late_readings += int((util[2] <= lo).sum())
+        uf = kernels.fold_util(*util, lo, W, n_gpu, n_win)
+        self._util.keep(util, util[2] > hi)
+
+        gauge = self._gauge.take()
+        if gauge is not None:
+            gf = kernels.fold_gauge(gauge[0], gauge[1], gauge[2], gauge[3], gauge[4], gauge[5], gauge[6], lo, W,
+                                    n_gpu, n_win)
+            self._gauge.keep(gauge, gauge[2] > hi)
+        else:
+            gf = None
+
+        gpm = self._gpm.take()
+        gpm_cols = {}
+        if gpm is not None:
+            ones = np.zeros(gpm[0].size, np.uint8)
+            for name, col in (("sm_active_ms", 3), ("sm_occupancy_ms", 4), ("tensor_active_ms", 5),
+                              ("dram_active_ms", 6)):
+                f = kernels.fold_util(gpm[0], gpm[1], gpm[2], gpm[col], ones, lo, W, n_gpu, n_win)
+                gpm_cols[name] = f.busy_us
+                gpm_cols["gpm_covered_ms"] = f.covered_us
+            self._gpm.keep(gpm, gpm[2] > hi)
+
+        covered = np.minimum(_round_u32(uf.covered_us / 1000), win_ms)
+        busy = np.minimum(_round_u32(uf.busy_us / 1000), covered)
+        held = np.minimum(_round_u32(uf.held_idle_us / 1000), covered - busy)
+        free = covered - busy - held
+        unmon = win_ms - covered
+        starts_ms = (lo + np.arange(n_win, dtype=np.int64) * W) // 1000
+        n = n_gpu * n_win
+        hist = uf.hist.reshape(n, HIST_BUCKETS).astype(np.uint16)
+        hist_arr = pa.ListArray.from_arrays(np.arange(0, (n + 1) * HIST_BUCKETS, HIST_BUCKETS, dtype=np.int32),
+                                            pa.array(hist.reshape(-1), pa.uint16()))
+
+        def u8(x):
+            return np.clip(_round_u32(x), 0, 255).astype(np.uint8).reshape(n)
+
+        def gcol(arr, dtype):
+            if gf is None:
+                return np.zeros(n, dtype)
+            return np.clip(_round_u32(arr), 0, np.iinfo(dtype).max).astype(dtype).reshape(n)
+
+        if gf is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                pmean = np.where(gf.power_count > 0, gf.power_sum_mw / np.maximum(gf.power_count, 1), 0)
+        cols = {
+            "gpu_uuid": pa.array(np.repeat(np.array([g.uuid for g in self.gpus], dtype=object), n_win), pa.string()),
+            "window_start_ms": np.tile(starts_ms, n_gpu),
+            "window_ms": np.full(n, win_ms, np.uint32),
+            "sample_count": uf.sample_count.reshape(n).astype(np.uint32),
+            "covered_ms": covered.reshape(n).astype(np.uint32),
+            "busy_ms": busy.reshape(n).astype(np.uint32),
+            "idle_held_ms": held.reshape(n).astype(np.uint32),
+            "idle_free_ms": free.reshape(n).astype(np.uint32),
+            "unmonitored_ms": unmon.reshape(n).astype(np.uint32),
+            "util_min_pct": u8(uf.util_min),
+            "util_max_pct": u8(uf.util_max),
+            "util_hist": hist_arr,
+            "mem_used_max_bytes": gcol(gf.mem_max if gf else None, np.uint64),
+            "power_mean_mw": gcol(pmean if gf else None, np.uint32),
+            "power_max_mw": gcol(gf.power_max_mw if gf else None, np.uint32),
+            "energy_mj": gcol(gf.energy_mj if gf else None, np.uint64),
+            "temp_max_c": gcol(gf.temp_max if gf else None, np.uint8),
+        }
+        for name in ("gpm_covered_ms", "sm_active_ms", "sm_occupancy_ms", "tensor_active_ms", "dram_active_ms"):
+            if name in gpm_cols:
+                cols[name] = np.minimum(_round_u32(gpm_cols[name] / 1000), win_ms).reshape(n).astype(np.uint32)
+            else:
+                cols[name] = np.zeros(n, np.uint32)
+        gpu_table = pa.Table.from_pydict(cols, schema=GPU_WINDOW_SCHEMA)
+
+        proc_table, processes = self._fold_procs(lo, n_win, hi)
+        return Closed(gpu=gpu_table, proc=proc_table, processes=processes, start_ms=lo // 1000, end_ms=hi // 1000)
+
+    def _fold_procs(self, lo: int, n_win: int, hi: int):
+        W = self.window_us
+        proc = self._proc.take()
+        if proc is None:
+            return PROC_WINDOW_SCHEMA.empty_table(), []
+        n_keys = len(self._proc_key_list)
+        ones = np.zeros(proc[0].size, np.uint8)
+        f = kernels.fold_util(proc[0], proc[1], proc[2], proc[3], ones, lo, W, n_keys, n_win)
+        g = kernels.fold_gauge(proc[0], proc[1], proc[2], np.full(proc[0].size, np.nan), np.full(proc[0].size, np.nan),
+                               proc[4], np.full(proc[0].size, np.nan), lo, W, n_keys, n_win)
+        self._proc.keep(proc, proc[2] > hi)
+        held = np.minimum(_round_u32(f.covered_us / 1000), W // 1000)
+        busy = np.minimum(_round_u32(f.busy_us / 1000), held)
+        kk, ww = np.nonzero(held > 0)
+        keys = [self._proc_key_list[k] for k in kk]
+        gpu_uuid = [self.gpus[k[0]].uuid for k in keys]
+        table = pa.Table.from_pydict(
+            {
+                "gpu_uuid": pa.array(gpu_uuid, pa.string()),
+                "window_start_ms": ((lo + ww.astype(np.int64) * W) // 1000),
+                "pid": np.array([k[1] for k in keys], np.uint32),
+                "proc_start_ms": np.array([k[2] for k in keys], np.int64),
+                "held_ms": held[kk, ww].astype(np.uint32),
+                "busy_ms": busy[kk, ww].astype(np.uint32),
+                "mem_max_bytes": np.clip(_round_u32(g.mem_max[kk, ww]), 0, None).astype(np.uint64),
+            },
+            schema=PROC_WINDOW_SCHEMA,
+        )
+        seen = {(k[1], k[2]) for k in keys}
+        processes = [self._identities[s] for s in sorted(seen)]
+        if self._proc.parts == []:
+            # no process reading reaches into open windows: forget keys to bound memory
+            self._proc_keys.clear()
+            self._proc_key_list.clear()
+            self._identities.clear()
+        return table, processes

@@ -1,0 +1,315 @@
+"""Reports: SQL over the store, priced at query time, returned as Arrow tables.
+
+Every query is parameterised ({name:Type} placeholders bound by ClickHouse): host names and
+tag values are data, never SQL.
+
+Time a GPU is expected to be watched: from its first window (or `since`) to the end of the
+newest window of the whole fleet (or `until`). Windows inside that span that never arrived
+(agent down, host unreachable) count as unmonitored, never as idle.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import pyarrow as pa
+
+from gpuledger.collector.pricing import Pricing
+from gpuledger.collector.store import Store
+from gpuledger.schema import to_ipc
+from gpuledger.v1 import telemetry_pb2 as pb
+
+MS_PER_HOUR = 3_600_000.0
+TAG_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+# finance's names for process tags (agent keys in brackets)
+TAG_ALIASES = {
+    "team": ("team",),
+    "project": ("project",),
+    "phase": ("phase",),
+    "workload": ("workload",),
+    "experiment": ("mlflow_experiment_id", "wandb_project", "mlflow_run_id", "wandb_run_id"),
+    "run": ("mlflow_run_id", "wandb_run_id"),
+    "endpoint": ("endpoint",),
+    "slurm_job": ("slurm_job_id",),
+    "slurm_account": ("slurm_job_account",),
+}
+
+
+class ReportError(ValueError):
+    pass
+
+
+def run(store: Store, pricing: Pricing, req: pb.ReportRequest, now_ms: int) -> pb.ReportReply:
+    until = req.until_ms or now_ms
+    since = req.since_ms
+    if since >= until:
+        raise ReportError(f"since ({since}) must be before until ({until})")
+    if req.report == "idle":
+        rows = idle_rows(store, pricing, since, until, req.by or "host", dict(req.filters))
+    elif req.report == "cost":
+        rows = cost_rows(store, pricing, since, until, req.by or "team", dict(req.filters))
+    else:
+        raise ReportError(f"report: unknown report {req.report!r} (idle, cost)")
+    table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    currencies = sorted({r["currency"] for r in rows if r.get("currency")})
+    return pb.ReportReply(arrow=to_ipc(table), currency=",".join(currencies) or "USD",
+                          pricing_source="; ".join(dict.fromkeys(pricing.sources)), since_ms=since, until_ms=until)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _hosts(store: Store) -> dict[str, dict]:
+    rows = store.query_rows(
+        f"SELECT host_id, provider, region, instance_type, gpu_count, tags FROM {store.db}.hosts FINAL")
+    return {r[0]: {"provider": r[1], "region": r[2], "instance_type": r[3], "gpu_count": int(r[4]),
+                   "tags": dict(r[5])} for r in rows}
+
+
+def _breakpoints(pricing: Pricing, since: int, until: int) -> list[int]:
+    return sorted({b for b in pricing.breakpoints() if since < b < until})
+
+
+def _seg_price(pricing: Pricing, host_id: str, h: dict, bps: list[int], seg: int, since: int):
+    at = bps[seg - 1] if seg > 0 else since
+    return pricing.price(h["provider"], h["region"], h["instance_type"], h["gpu_count"], host_id, at)
+
+
+def gpu_state_rows(store: Store, since: int, until: int, bps: list[int], host_filter: str = ""):
+    """Per (host, GPU, price segment): summed state milliseconds."""
+    where = "window_start_ms >= {since:Int64} AND window_start_ms < {until:Int64}"
+    params = {"since": since, "until": until, "bps": bps}
+    if host_filter:
+        where += " AND host_id = {host:String}"
+        params["host"] = host_filter
+    return store.query_rows(
+        f"""SELECT host_id, gpu_uuid, arrayCount(x -> x <= window_start_ms, {{bps:Array(Int64)}}) AS seg,
+                   sum(busy_ms), sum(idle_held_ms), sum(idle_free_ms), sum(unmonitored_ms), sum(window_ms),
+                   sum(util_max_pct * (sample_count > 0)) , countIf(sample_count > 0)
+            FROM {store.db}.gpu_windows FINAL WHERE {where}
+            GROUP BY host_id, gpu_uuid, seg""", params)
+
+
+def _missing_ms(store: Store, since: int, until: int, seen: dict) -> dict[tuple[str, str], int]:
+    """Per GPU: expected time in range minus the time its windows cover."""
+    fleet_end = store.query_rows(f"SELECT max(last_window_end_ms) FROM {store.db}.gpus")[0][0] or since
+    end = min(until, int(fleet_end))
+    out = {}
+    for host_id, uuid, first in store.query_rows(
+            f"SELECT host_id, uuid, min(first_window_ms) FROM {store.db}.gpus GROUP BY host_id, uuid"):
+        start = max(since, int(first))
+        if start >= end:
+            continue
+        out[(host_id, uuid)] = max(0, end - start - seen.get((host_id, uuid), 0))
+    return out
+
+
+def _dropped(store: Store) -> dict[str, int]:
+    rows = store.query_rows(f"SELECT host_id, max(dropped_windows) FROM {store.db}.agent_batches GROUP BY host_id")
+    return {r[0]: int(r[1]) for r in rows}
+
+
+# ----------------------------------------------------------------------------- idle
+
+
+def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, filters: dict) -> list[dict]:
+    if by not in ("host", "gpu"):
+        raise ReportError(f"by: {by!r} is not host or gpu")
+    hosts = _hosts(store)
+    bps = _breakpoints(pricing, since, until)
+    acc: dict[tuple, dict] = {}
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    last_seg: dict[tuple[str, str], int] = {}
+    host_filter = filters.get("host", "")
+    for host_id, uuid, seg, busy, held, free, unmon, win, _umax, _n in gpu_state_rows(store, since, until, bps,
+                                                                                    host_filter):
+        h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}})
+        price = _seg_price(pricing, host_id, h, bps, seg, since)
+        key = (host_id,) if by == "host" else (host_id, uuid)
+        row = acc.setdefault(key, _new_row(host_id, h, uuid if by == "gpu" else None))
+        row["_gpus"].add(uuid)
+        _add_ms(row, busy, held, free, unmon, price)
+        seen[(host_id, uuid)] += int(win)
+        last_seg[(host_id, uuid)] = max(last_seg.get((host_id, uuid), 0), int(seg))
+    for (host_id, uuid), missing in _missing_ms(store, since, until, seen).items():
+        if host_filter and host_id != host_filter:
+            continue
+        if missing <= 0:
+            continue
+        h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}})
+        price = _seg_price(pricing, host_id, h, bps, last_seg.get((host_id, uuid), len(bps)), since)
+        key = (host_id,) if by == "host" else (host_id, uuid)
+        row = acc.setdefault(key, _new_row(host_id, h, uuid if by == "gpu" else None))
+        row["_gpus"].add(uuid)
+        _add_ms(row, 0, 0, 0, missing, price)
+    dropped = _dropped(store)
+    out = []
+    for row in acc.values():
+        row["gpus"] = len(row.pop("_gpus"))
+        row["dropped_windows"] = dropped.get(row["host"], 0)
+        out.append(_finish(row))
+    out.sort(key=lambda r: (-(r["idle_cost"] or 0), r["host"]))
+    return out
+
+
+def _new_row(host_id: str, h: dict, uuid: str | None) -> dict:
+    row = {"host": host_id}
+    if uuid is not None:
+        row["gpu_uuid"] = uuid
+    row.update({"provider": h["provider"], "region": h["region"], "instance_type": h["instance_type"], "_gpus": set(),
+                "_ms": [0, 0, 0, 0], "_cost": [0.0, 0.0, 0.0, 0.0], "_priced": True, "_currency": set(),
+                "_method": set()})
+    return row
+
+
+def _add_ms(row: dict, busy, held, free, unmon, price) -> None:
+    ms = (int(busy), int(held), int(free), int(unmon))
+    for i, v in enumerate(ms):
+        row["_ms"][i] += v
+    if price is None:
+        row["_priced"] = False
+        return
+    rate = price.per_gpu_hour / MS_PER_HOUR
+    for i, v in enumerate(ms):
+        row["_cost"][i] += v * rate
+    row["_currency"].add(price.currency)
+    row["_method"].add(price.method)
+
+
+def _finish(row: dict) -> dict:
+    busy, held, free, unmon = row.pop("_ms")
+    c_busy, c_held, c_free, c_unmon = row.pop("_cost")
+    priced = row.pop("_priced")
+    monitored = busy + held + free
+    row.update({
+        "gpu_hours": (monitored + unmon) / MS_PER_HOUR,
+        "monitored_gpu_hours": monitored / MS_PER_HOUR,
+        "active_hours": busy / MS_PER_HOUR,
+        "idle_held_hours": held / MS_PER_HOUR,
+        "idle_free_hours": free / MS_PER_HOUR,
+        "unmonitored_hours": unmon / MS_PER_HOUR,
+        "mean_util_pct": 100.0 * busy / monitored if monitored else None,
+    })
+    total = c_busy + c_held + c_free + c_unmon
+    if priced:
+        row.update({"cost": total, "active_cost": c_busy, "idle_cost": c_held + c_free,
+                    "idle_held_cost": c_held, "idle_free_cost": c_free, "unmonitored_cost": c_unmon,
+                    "idle_share": (c_held + c_free) / total if total else 0.0})
+    else:
+        row.update({"cost": None, "active_cost": None, "idle_cost": None, "idle_held_cost": None,
+                    "idle_free_cost": None, "unmonitored_cost": None, "idle_share": None})
+    row["currency"] = ",".join(sorted(row.pop("_currency"))) or ""
+    row["price_method"] = ",".join(sorted(row.pop("_method"))) or ("unpriced" if not priced else "")
+    return row
+
+
+# ----------------------------------------------------------------------------- cost by tag
+
+
+def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, filters: dict) -> list[dict]:
+    """Cost by a process tag (team, project, ...), `host` or `process`.
+
+    Active time of a GPU window is split among its processes by busy share (held share if no
+    process reported utilization), idle-held time by held share; idle-free and unmonitored
+    time, and GPU time no process reading covers, go to the host's owner tag of the same key.
+    """
+    if by != "host" and by != "process" and not TAG_KEY.match(by):
+        raise ReportError(f"by: {by!r} is not a tag key")
+    keys = list(TAG_ALIASES.get(by, (by,)))
+    hosts = _hosts(store)
+    bps = _breakpoints(pricing, since, until)
+    params = {"since": since, "until": until, "bps": bps, "keys": keys}
+    if by == "process":
+        label = "concat(toString(p.pid), ':', p.command)"
+    elif by == "host":
+        label = "pw.host_id"
+    else:
+        label = "arrayFirst(x -> x != '', arrayMap(k -> p.tags[k], {keys:Array(String)}))"
+    db = store.db
+    attributed = store.query_rows(
+        f"""WITH pw AS (
+                SELECT host_id, gpu_uuid, window_start_ms, pid, proc_start_ms, held_ms, busy_ms,
+                       sum(busy_ms) OVER w AS busy_total, sum(held_ms) OVER w AS held_total
+                FROM {db}.proc_windows FINAL
+                WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}
+                WINDOW w AS (PARTITION BY host_id, gpu_uuid, window_start_ms))
+            SELECT pw.host_id, arrayCount(x -> x <= pw.window_start_ms, {{bps:Array(Int64)}}) AS seg,
+                   {label} AS label,
+                   sum(g.busy_ms * if(busy_total > 0, pw.busy_ms / busy_total, pw.held_ms / held_total)) AS active,
+                   sum(g.idle_held_ms * pw.held_ms / held_total) AS held
+            FROM pw
+            INNER JOIN (SELECT host_id, gpu_uuid, window_start_ms, busy_ms, idle_held_ms
+                        FROM {db}.gpu_windows FINAL
+                        WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}) AS g
+                ON g.host_id = pw.host_id AND g.gpu_uuid = pw.gpu_uuid AND g.window_start_ms = pw.window_start_ms
+            LEFT JOIN (SELECT host_id, pid, start_ms, command, tags FROM {db}.processes FINAL) AS p
+                ON p.host_id = pw.host_id AND p.pid = pw.pid AND p.start_ms = pw.proc_start_ms
+            WHERE held_total > 0
+            GROUP BY pw.host_id, seg, label""", params)
+    acc: dict[str, dict] = {}
+    host_att: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    blank = {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}}
+    for host_id, seg, label, active, held in attributed:
+        h = hosts.get(host_id, blank)
+        price = _seg_price(pricing, host_id, h, bps, int(seg), since)
+        _cost_add(acc, label or "(untagged)", "process", price, active, held, 0, 0)
+        host_att[(host_id, int(seg))][0] += active
+        host_att[(host_id, int(seg))][1] += held
+    # the rest of every host's time goes to the host's owner tag
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    last_seg: dict[tuple[str, str], int] = {}
+    per_host_seg: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for host_id, uuid, seg, busy, held, free, unmon, win, _u, _n in gpu_state_rows(store, since, until, bps):
+        v = per_host_seg[(host_id, int(seg))]
+        for i, x in enumerate((busy, held, free, unmon)):
+            v[i] += int(x)
+        seen[(host_id, uuid)] += int(win)
+        last_seg[(host_id, uuid)] = max(last_seg.get((host_id, uuid), 0), int(seg))
+    for (host_id, uuid), missing in _missing_ms(store, since, until, seen).items():
+        per_host_seg[(host_id, last_seg.get((host_id, uuid), len(bps)))][3] += missing
+    for (host_id, seg), (busy, held, free, unmon) in per_host_seg.items():
+        h = hosts.get(host_id, blank)
+        price = _seg_price(pricing, host_id, h, bps, seg, since)
+        att = host_att.get((host_id, seg), [0.0, 0.0])
+        owner = host_id if by == "host" else next((h["tags"][k] for k in keys if h["tags"].get(k)), "(unattributed)")
+        if by == "process":
+            owner = "(no process)"
+        _cost_add(acc, owner, "host", price, max(0.0, busy - att[0]), max(0.0, held - att[1]), free, unmon)
+    rows = []
+    for label, r in acc.items():
+        total_ms = sum(r["ms"])
+        priced = r["priced"]
+        total = sum(r["cost"])
+        rows.append({
+            by: label,
+            "gpu_hours": total_ms / MS_PER_HOUR,
+            "active_hours": r["ms"][0] / MS_PER_HOUR,
+            "idle_held_hours": r["ms"][1] / MS_PER_HOUR,
+            "idle_free_hours": r["ms"][2] / MS_PER_HOUR,
+            "unmonitored_hours": r["ms"][3] / MS_PER_HOUR,
+            "cost": total if priced else None,
+            "active_cost": r["cost"][0] if priced else None,
+            "idle_cost": (r["cost"][1] + r["cost"][2]) if priced else None,
+            "unmonitored_cost": r["cost"][3] if priced else None,
+            "currency": ",".join(sorted(r["currency"])),
+            "allocation": ",".join(sorted(r["method"])),
+        })
+    rows.sort(key=lambda x: (-(x["cost"] or 0), str(x[by])))
+    return rows
+
+
+def _cost_add(acc, label, via, price, active, held, free, unmon) -> None:
+    r = acc.setdefault(label, {"ms": [0.0, 0.0, 0.0, 0.0], "cost": [0.0, 0.0, 0.0, 0.0], "priced": True,
+                               "currency": set(), "method": set()})
+    vals = (float(active), float(held), float(free), float(unmon))
+    for i, v in enumerate(vals):
+        r["ms"][i] += v
+    if price is None:
+        r["priced"] = False
+        return
+    rate = price.per_gpu_hour / MS_PER_HOUR
+    for i, v in enumerate(vals):
+        r["cost"][i] += v * rate
+    r["currency"].add(price.currency)
+    r["method"].add(f"{price.method} via {via}")

@@ -1,0 +1,366 @@
+"""Collector: gRPC ingest -> validation -> group-committed ClickHouse inserts; report queries.
+
+Each agent stream is read on its own thread; every batch is validated, then queued for the
+single writer, which coalesces the batches of all streams into one insert per table and only
+then resolves their acknowledgements (group commit). Acks go back in the order batches came.
+When the writer's queue is over `max_pending_rows`, a batch is answered RESOURCE_EXHAUSTED
+(retryable) at once instead of queued: the agents keep it spooled and back off.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+import pyarrow as pa
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gpuledger.clock import Clock, WallClock
+from gpuledger.collector import reports
+from gpuledger.collector.pricing import Pricing
+from gpuledger.collector.store import Store, StoreError
+from gpuledger.collector.validate import Invalid, Limits, TooLarge, Valid, validate
+from gpuledger.v1 import telemetry_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+OK = 0
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+
+
+@dataclass
+class IngestStats:
+    batches: int = 0
+    windows: int = 0
+    rejected: dict = field(default_factory=dict)  # reason class -> count
+    deferred: int = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+def _tables_for(items: list[Valid], now_ms: int) -> dict[str, pa.Table]:
+    gpu_parts, proc_parts = [], []
+    hosts, gpus, procs, batches = [], [], [], []
+    for v in items:
+        b = v.batch
+        host_id = b.host.host_id
+        gpu_parts.append(v.gpu.add_column(0, "host_id", pa.array([host_id] * v.gpu.num_rows, pa.string())))
+        if v.proc.num_rows:
+            proc_parts.append(v.proc.add_column(0, "host_id", pa.array([host_id] * v.proc.num_rows, pa.string())))
+        h = b.host
+        hosts.append((host_id, h.hostname, h.provider, h.region, h.instance_type, h.gpu_count, list(h.tags.items()),
+                      h.agent_version, now_ms))
+        starts = v.gpu.column("window_start_ms")
+        first = pa.compute.min(starts).as_py()
+        last = pa.compute.max(pa.compute.add(starts, pa.compute.cast(v.gpu.column("window_ms"), pa.int64()))).as_py()
+        for g in b.gpus:
+            gpus.append((host_id, g.uuid, g.index, g.name, g.mem_total_bytes, g.util_method, g.mig, first, last))
+        for p in b.processes:
+            procs.append((host_id, p.pid, p.start_ms, p.command, p.container_id, p.pod_uid, list(p.tags.items()),
+                          now_ms))
+        batches.append((b.agent_id, host_id, b.agent_epoch, b.seq, now_ms, v.gpu.num_rows, v.proc.num_rows,
+                        b.dropped_windows))
+
+    def table(rows, names, types):
+        cols = list(zip(*rows, strict=True)) if rows else [[] for _ in names]
+        return pa.table({n: pa.array(c, t) for n, c, t in zip(names, cols, types, strict=True)})
+
+    tags_t = pa.map_(pa.string(), pa.string())
+    return {
+        "gpu_windows": pa.concat_tables(gpu_parts),
+        "proc_windows": pa.concat_tables(proc_parts) if proc_parts else None,
+        "hosts": table(hosts, ["host_id", "hostname", "provider", "region", "instance_type", "gpu_count", "tags",
+                               "agent_version", "updated_ms"],
+                       [pa.string()] * 5 + [pa.uint32(), tags_t, pa.string(), pa.int64()]),
+        "gpus": table(gpus, ["host_id", "uuid", "gpu_index", "name", "mem_total_bytes", "util_method", "mig",
+                             "first_window_ms", "last_window_end_ms"],
+                      [pa.string(), pa.string(), pa.uint32(), pa.string(), pa.uint64(), pa.string(), pa.bool_(),
+                       pa.int64(), pa.int64()]),
+        "processes": table(procs, ["host_id", "pid", "start_ms", "command", "container_id", "pod_uid", "tags",
+                                   "last_seen_ms"],
+                           [pa.string(), pa.uint32(), pa.int64(), pa.string(), pa.string(), pa.string(), tags_t,
+                            pa.int64()]),
+        "agent_batches": table(batches, ["agent_id", "host_id", "agent_epoch", "seq", "received_ms", "windows",
+                                         "proc_windows", "dropped_windows"],
+                               [pa.string(), pa.string(), pa.uint64(), pa.uint64(), pa.int64(), pa.uint32(),
+                                pa.uint32(), pa.uint64()]),
+    }
+
+
+class Writer:
+    """The single writer: group-commits queued batches, then resolves their futures."""
+
+    def __init__(self, store: Store, clock: Clock, max_rows: int, max_wait_s: float, max_pending_rows: int) -> None:
+        self.store = store
+        self.clock = clock
+        self.max_rows = max_rows
+        self.max_wait_s = max_wait_s
+        self.max_pending_rows = max_pending_rows
+        self._q: queue.Queue = queue.Queue()
+        self._pending_rows = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpuledger-writer", daemon=True)
+        self.commits = 0
+        self.rows_committed = 0
+        self.store_errors = 0
+        self.last_insert_s = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def pending_rows(self) -> int:
+        with self._lock:
+            return self._pending_rows
+
+    def submit(self, item: Valid) -> futures.Future | None:
+        """Queue a validated batch; None when over the backpressure limit."""
+        rows = item.gpu.num_rows + item.proc.num_rows
+        with self._lock:
+            if self._pending_rows and self._pending_rows + rows > self.max_pending_rows:
+                return None
+            self._pending_rows += rows
+        fut: futures.Future = futures.Future()
+        self._q.put((item, rows, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self._q.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            if first is None:
+                return
+            group = [first]
+            rows = first[1]
+            deadline = time.monotonic() + self.max_wait_s
+            stop_after = False
+            while rows < self.max_rows:
+                try:
+                    item = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop_after = True
+                    break
+                group.append(item)
+                rows += item[1]
+            self._commit(group, rows)
+            if stop_after:
+                return
+
+    def _commit(self, group, rows: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            tables = _tables_for([g[0] for g in group], self.clock.now_us() // 1000)
+            self.store.insert(tables)
+            err = None
+        except StoreError as e:
+            err = e
+            self.store_errors += 1
+            log.error("store insert failed (%s): %s", "retryable" if e.retryable else "permanent", e)
+        except Exception as e:  # never let one group take the writer down
+            err = StoreError(f"insert failed: {e}", retryable=True)
+            self.store_errors += 1
+            log.exception("store insert failed")
+        self.last_insert_s = time.perf_counter() - t0
+        with self._lock:
+            self._pending_rows -= rows
+        if err is None:
+            self.commits += 1
+            self.rows_committed += rows
+        for item, _, fut in group:
+            if err is None:
+                fut.set_result(item.gpu.num_rows)
+            else:
+                fut.set_exception(err)
+
+    def close(self) -> None:
+        """Finish every queued insert, then stop; safe to call twice."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join(timeout=60)
+        self._stop.set()
+
+
+class Ingest:
+    """Turns one raw batch into a future acknowledgement."""
+
+    def __init__(self, writer: Writer, limits: Limits, clock: Clock, max_batch_bytes: int, auth=None) -> None:
+        self.writer = writer
+        self.limits = limits
+        self.clock = clock
+        self.max_batch_bytes = max_batch_bytes
+        self.auth = auth
+        self.stats = IngestStats()
+
+    def handle(self, raw: bytes, principal=None) -> futures.Future:
+        done: futures.Future = futures.Future()
+        seq = 0
+        try:
+            if len(raw) > self.max_batch_bytes:
+                raise TooLarge(f"batch: {len(raw)} bytes, at most {self.max_batch_bytes}")
+            try:
+                batch = pb.WindowBatch.FromString(raw)
+            except DecodeError as e:
+                raise Invalid(f"batch: not a gpuledger.v1.WindowBatch ({e})") from e
+            seq = batch.seq
+            if self.auth is not None:
+                self.auth.check_batch(principal, batch)
+            valid = validate(batch, self.clock.now_us() // 1000, self.limits)
+        except Invalid as e:
+            self.stats.reject("invalid")
+            log.warning("rejected batch seq=%d: %s", seq, e)
+            done.set_result(pb.Ack(seq=seq, code=INVALID_ARGUMENT, message=str(e), retryable=False))
+            return done
+        except TooLarge as e:
+            self.stats.reject("too_large")
+            done.set_result(pb.Ack(seq=seq, code=RESOURCE_EXHAUSTED, message=str(e), retryable=False))
+            return done
+        except PermissionError as e:
+            self.stats.reject("permission")
+            done.set_result(pb.Ack(seq=seq, code=grpc.StatusCode.PERMISSION_DENIED.value[0], message=str(e),
+                                   retryable=False))
+            return done
+        fut = self.writer.submit(valid)
+        if fut is None:
+            self.stats.deferred += 1
+            done.set_result(pb.Ack(seq=seq, code=RESOURCE_EXHAUSTED, retryable=True,
+                                   message="collector busy: insert queue full, retry later"))
+            return done
+
+        def finish(f: futures.Future) -> None:
+            exc = f.exception()
+            if exc is None:
+                self.stats.batches += 1
+                self.stats.windows += f.result()
+                done.set_result(pb.Ack(seq=seq, code=OK, stored_windows=f.result()))
+            else:
+                retryable = getattr(exc, "retryable", True)
+                done.set_result(pb.Ack(seq=seq, code=UNAVAILABLE if retryable else INTERNAL,
+                                       message=f"store: {exc}", retryable=True))
+
+        fut.add_done_callback(finish)
+        return done
+
+
+class Collector:
+    """The collector process: Telemetry + Query + health services on one gRPC server."""
+
+    def __init__(self, store: Store, pricing: Pricing, *, listen: str = "127.0.0.1:0", clock: Clock | None = None,
+                 limits: Limits = Limits(), max_batch_bytes: int = 16 << 20, insert_max_rows: int = 500_000,
+                 insert_max_wait_s: float = 0.05, max_pending_rows: int = 2_000_000, auth=None,
+                 server_credentials: grpc.ServerCredentials | None = None, max_workers: int = 64) -> None:
+        self.store = store
+        self.pricing = pricing
+        self.clock = clock or WallClock()
+        self.listen = listen
+        self.auth = auth
+        self.writer = Writer(store, self.clock, insert_max_rows, insert_max_wait_s, max_pending_rows)
+        self.ingest = Ingest(self.writer, limits, self.clock, max_batch_bytes, auth)
+        self.server_credentials = server_credentials
+        self.health = health.HealthServicer()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gpuledger-rpc"),
+            options=[("grpc.max_receive_message_length", max_batch_bytes + (1 << 20)),
+                     ("grpc.max_send_message_length", 256 << 20)])
+        handlers = {
+            "Stream": grpc.stream_stream_rpc_method_handler(self._stream, request_deserializer=None,
+                                                            response_serializer=pb.Ack.SerializeToString),
+        }
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("gpuledger.v1.Telemetry",
+                                                                                     handlers)])
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("gpuledger.v1.Query", {
+            "Report": grpc.unary_unary_rpc_method_handler(self._report,
+                                                          request_deserializer=pb.ReportRequest.FromString,
+                                                          response_serializer=pb.ReportReply.SerializeToString)})])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.port = 0
+        self._started = False
+        self._stopped = False
+        self._streams = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> int:
+        if self._started:
+            return self.port
+        if self.server_credentials is not None:
+            self.port = self._server.add_secure_port(self.listen, self.server_credentials)
+        else:
+            self.port = self._server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"collector: cannot listen on {self.listen}")
+        self.writer.start()
+        self._server.start()
+        for svc in ("", "gpuledger.v1.Telemetry", "gpuledger.v1.Query"):
+            self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self._started = True
+        return self.port
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop taking streams, finish in-flight inserts and acks; safe to call twice."""
+        if self._stopped or not self._started:
+            self._stopped = True
+            return
+        self._stopped = True
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+        self.writer.close()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    # ------------------------------------------------------------------ RPCs
+    def _stream(self, request_iterator, context):
+        principal = None
+        if self.auth is not None:
+            principal = self.auth.authenticate_agent(context)
+        acks: queue.Queue = queue.Queue()
+
+        def reader():
+            try:
+                for raw in request_iterator:
+                    acks.put(self.ingest.handle(raw, principal))
+            except grpc.RpcError:
+                pass  # the agent went away; its unacked batches stay in its spool
+            except Exception:
+                log.exception("stream reader failed")
+            finally:
+                acks.put(None)
+
+        threading.Thread(target=reader, name="gpuledger-stream", daemon=True).start()
+        while True:
+            fut = acks.get()
+            if fut is None:
+                return
+            try:
+                yield fut.result()
+            except Exception:
+                log.exception("ack failed")
+                return
+
+    def _report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
+        if self.auth is not None:
+            self.auth.authenticate_query(context)
+        try:
+            return reports.run(self.store, self.pricing, request, self.clock.now_us() // 1000)
+        except reports.ReportError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -1,0 +1,224 @@
+"""Validation of every incoming batch. A failure names the field and, where it helps, the row.
+
+Everything is checked before anything is stored, so a rejected batch is never half-stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gpuledger.schema import GPU_WINDOW_SCHEMA, HIST_BUCKETS, PROC_WINDOW_SCHEMA
+from gpuledger.v1 import telemetry_pb2 as pb
+
+MAX_ID = 128
+MAX_STR = 256
+MAX_TAGS = 64
+
+
+class Invalid(ValueError):
+    """A permanent problem with a batch: answered with INVALID_ARGUMENT."""
+
+
+class TooLarge(ValueError):
+    """A batch over a size limit: answered with RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_rows: int = 200_000
+    max_gpus: int = 1024
+    max_processes: int = 100_000
+    max_future_ms: int = 300_000
+    retention_ms: int = 0  # 0: no lower bound on window start
+
+
+@dataclass
+class Valid:
+    batch: pb.WindowBatch
+    gpu: pa.Table
+    proc: pa.Table
+
+
+def _check_str(value: str, field: str, limit: int = MAX_STR, required: bool = False) -> None:
+    if required and not value:
+        raise Invalid(f"{field}: required")
+    if len(value) > limit:
+        raise Invalid(f"{field}: {len(value)} characters, at most {limit}")
+    if any(ord(c) < 32 for c in value):
+        raise Invalid(f"{field}: contains control characters")
+
+
+def _check_tags(tags, field: str) -> None:
+    if len(tags) > MAX_TAGS:
+        raise Invalid(f"{field}: {len(tags)} tags, at most {MAX_TAGS}")
+    for k, v in tags.items():
+        _check_str(k, f"{field} key", 64, required=True)
+        _check_str(v, f"{field}[{k}]")
+
+
+def _decode(body: bytes, schema: pa.Schema, field: str, allow_empty: bool) -> pa.Table:
+    if not body:
+        if allow_empty:
+            return schema.empty_table()
+        raise Invalid(f"{field}: empty")
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+        raise Invalid(f"{field}: not an Arrow IPC stream ({e})") from e
+    if table.schema != schema:
+        want = {f.name: f.type for f in schema}
+        got = {f.name: f.type for f in table.schema}
+        for name, typ in want.items():
+            if name not in got:
+                raise Invalid(f"{field}.{name}: missing")
+            if got[name] != typ:
+                raise Invalid(f"{field}.{name}: type {got[name]}, expected {typ}")
+        extra = [n for n in got if n not in want]
+        if extra:
+            raise Invalid(f"{field}.{extra[0]}: unknown column")
+        raise Invalid(f"{field}: columns out of order")
+    return table
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> Valid:
+    _check_str(batch.agent_id, "agent_id", MAX_ID, required=True)
+    if batch.seq == 0:
+        raise Invalid("seq: must be >= 1")
+    h = batch.host
+    _check_str(h.host_id, "host.host_id", MAX_ID, required=True)
+    for name in ("hostname", "provider", "region", "instance_type", "agent_version"):
+        _check_str(getattr(h, name), f"host.{name}")
+    _check_tags(h.tags, "host.tags")
+    if h.gpu_count > limits.max_gpus:
+        raise Invalid(f"host.gpu_count: {h.gpu_count}, at most {limits.max_gpus}")
+    if len(batch.gpus) > limits.max_gpus:
+        raise TooLarge(f"gpus: {len(batch.gpus)} GPUs in one batch, at most {limits.max_gpus}")
+    uuids = set()
+    for i, g in enumerate(batch.gpus):
+        _check_str(g.uuid, f"gpus[{i}].uuid", MAX_ID, required=True)
+        _check_str(g.name, f"gpus[{i}].name")
+        _check_str(g.util_method, f"gpus[{i}].util_method", 32)
+        if g.uuid in uuids:
+            raise Invalid(f"gpus[{i}].uuid: duplicate {g.uuid!r}")
+        uuids.add(g.uuid)
+    if len(batch.processes) > limits.max_processes:
+        raise TooLarge(f"processes: {len(batch.processes)}, at most {limits.max_processes}")
+    procs = set()
+    for i, p in enumerate(batch.processes):
+        _check_str(p.command, f"processes[{i}].command")
+        _check_str(p.container_id, f"processes[{i}].container_id", MAX_ID)
+        _check_str(p.pod_uid, f"processes[{i}].pod_uid", MAX_ID)
+        _check_tags(p.tags, f"processes[{i}].tags")
+        procs.add((p.pid, p.start_ms))
+
+    gpu = _decode(batch.gpu_windows_arrow, GPU_WINDOW_SCHEMA, "gpu_windows", allow_empty=False)
+    proc = _decode(batch.proc_windows_arrow, PROC_WINDOW_SCHEMA, "proc_windows", allow_empty=True)
+    if gpu.num_rows + proc.num_rows > limits.max_batch_rows:
+        raise TooLarge(f"gpu_windows: {gpu.num_rows + proc.num_rows} rows, at most {limits.max_batch_rows}")
+    if gpu.num_rows == 0:
+        raise Invalid("gpu_windows: no rows")
+    _validate_gpu(gpu, uuids, now_ms, limits)
+    if proc.num_rows:
+        _validate_proc(proc, gpu, uuids, procs)
+    return Valid(batch, gpu, proc)
+
+
+def _col(t: pa.Table, name: str) -> np.ndarray:
+    c = t.column(name)
+    if c.null_count:
+        raise Invalid(f"{name}: null at row {_first_bad(np.asarray(c.is_null()))}")
+    return c.to_numpy()
+
+
+def _validate_gpu(t: pa.Table, uuids: set, now_ms: int, limits: Limits) -> None:
+    f = "gpu_windows."
+    unknown = pc.invert(pc.is_in(t.column("gpu_uuid"), value_set=pa.array(sorted(uuids), pa.string())))
+    if pc.any(unknown).as_py():
+        row = _first_bad(np.asarray(unknown))
+        raise Invalid(f"{f}gpu_uuid: {t.column('gpu_uuid')[row].as_py()!r} at row {row} is not in gpus")
+    start = _col(t, "window_start_ms")
+    win = _col(t, "window_ms").astype(np.int64)
+    if (win == 0).any():
+        raise Invalid(f"{f}window_ms: 0 at row {_first_bad(win == 0)}")
+    if (win > 3_600_000).any():
+        raise Invalid(f"{f}window_ms: over one hour at row {_first_bad(win > 3_600_000)}")
+    if (start % win != 0).any():
+        raise Invalid(f"{f}window_start_ms: not a multiple of window_ms at row {_first_bad(start % win != 0)}")
+    if (start < 0).any():
+        raise Invalid(f"{f}window_start_ms: negative at row {_first_bad(start < 0)}")
+    future = start + win > now_ms + limits.max_future_ms
+    if future.any():
+        raise Invalid(f"{f}window_start_ms: {int(start[_first_bad(future)])} is in the future "
+                      f"(collector clock {now_ms}) at row {_first_bad(future)}")
+    if limits.retention_ms:
+        old = start < now_ms - limits.retention_ms
+        if old.any():
+            raise Invalid(f"{f}window_start_ms: older than retention at row {_first_bad(old)}")
+    cols = {n: _col(t, n).astype(np.int64) for n in ("covered_ms", "busy_ms", "idle_held_ms", "idle_free_ms",
+                                                     "unmonitored_ms", "sample_count")}
+    total = cols["busy_ms"] + cols["idle_held_ms"] + cols["idle_free_ms"] + cols["unmonitored_ms"]
+    bad = total != win
+    if bad.any():
+        r = _first_bad(bad)
+        raise Invalid(f"{f}busy_ms+idle_held_ms+idle_free_ms+unmonitored_ms: {int(total[r])} != window_ms "
+                      f"{int(win[r])} at row {r}")
+    bad = cols["covered_ms"] != cols["busy_ms"] + cols["idle_held_ms"] + cols["idle_free_ms"]
+    if bad.any():
+        raise Invalid(f"{f}covered_ms: != busy_ms+idle_held_ms+idle_free_ms at row {_first_bad(bad)}")
+    umax = _col(t, "util_max_pct")
+    umin = _col(t, "util_min_pct")
+    if (umax > 100).any():
+        r = _first_bad(umax > 100)
+        raise Invalid(f"{f}util_max_pct: {int(umax[r])} exceeds 100 at row {r}")
+    bad = (cols["sample_count"] > 0) & (umin > umax)
+    if bad.any():
+        raise Invalid(f"{f}util_min_pct: above util_max_pct at row {_first_bad(bad)}")
+    hist = t.column("util_hist").combine_chunks()
+    lengths = pc.list_value_length(hist).to_numpy(zero_copy_only=False)
+    if hist.null_count or (lengths != HIST_BUCKETS).any():
+        r = _first_bad((lengths != HIST_BUCKETS) | np.asarray(hist.is_null()))
+        raise Invalid(f"{f}util_hist: {HIST_BUCKETS} buckets expected at row {r}")
+    sums = hist.flatten().to_numpy().astype(np.int64).reshape(-1, HIST_BUCKETS).sum(axis=1)
+    bad = sums != cols["sample_count"]
+    if bad.any():
+        raise Invalid(f"{f}util_hist: sums to {int(sums[_first_bad(bad)])}, sample_count is "
+                      f"{int(cols['sample_count'][_first_bad(bad)])} at row {_first_bad(bad)}")
+    for name in ("gpm_covered_ms", "sm_active_ms", "sm_occupancy_ms", "tensor_active_ms", "dram_active_ms"):
+        v = _col(t, name).astype(np.int64)
+        if (v > win).any():
+            raise Invalid(f"{f}{name}: exceeds window_ms at row {_first_bad(v > win)}")
+    codes = pc.dictionary_encode(t.column("gpu_uuid")).combine_chunks().indices.to_numpy().astype(np.int64)
+    key = codes * (1 << 42) + start // win
+    if np.unique(key).size != key.size:
+        raise Invalid(f"{f}(gpu_uuid, window_start_ms): duplicate window in one batch")
+
+
+def _validate_proc(t: pa.Table, gpu: pa.Table, uuids: set, procs: set) -> None:
+    f = "proc_windows."
+    unknown = pc.invert(pc.is_in(t.column("gpu_uuid"), value_set=pa.array(sorted(uuids), pa.string())))
+    if pc.any(unknown).as_py():
+        raise Invalid(f"{f}gpu_uuid: not in gpus at row {_first_bad(np.asarray(unknown))}")
+    pid = _col(t, "pid")
+    pstart = _col(t, "proc_start_ms")
+    known = np.fromiter(((int(a), int(b)) in procs for a, b in zip(pid, pstart, strict=True)), bool, len(pid))
+    if not known.all():
+        r = _first_bad(~known)
+        raise Invalid(f"{f}(pid, proc_start_ms): ({int(pid[r])}, {int(pstart[r])}) at row {r} not in processes")
+    held = _col(t, "held_ms").astype(np.int64)
+    busy = _col(t, "busy_ms").astype(np.int64)
+    win = int(_col(gpu, "window_ms").max())
+    if (held > win).any():
+        raise Invalid(f"{f}held_ms: exceeds window_ms at row {_first_bad(held > win)}")
+    if (busy > held).any():
+        raise Invalid(f"{f}busy_ms: exceeds held_ms at row {_first_bad(busy > held)}")
+    start = _col(t, "window_start_ms")
+    if (start % win != 0).any():
+        raise Invalid(f"{f}window_start_ms: not a multiple of window_ms at row {_first_bad(start % win != 0)}")

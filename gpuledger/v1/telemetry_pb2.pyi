@@ -1,0 +1,146 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HostFacts(_message.Message):
+    __slots__ = ("host_id", "hostname", "provider", "region", "instance_type", "gpu_count", "tags", "agent_version")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    hostname: str
+    provider: str
+    region: str
+    instance_type: str
+    gpu_count: int
+    tags: _containers.ScalarMap[str, str]
+    agent_version: str
+    def __init__(self, host_id: _Optional[str] = ..., hostname: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., instance_type: _Optional[str] = ..., gpu_count: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class GpuInfo(_message.Message):
+    __slots__ = ("uuid", "index", "name", "mem_total_bytes", "util_method", "mig")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTIL_METHOD_FIELD_NUMBER: _ClassVar[int]
+    MIG_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    index: int
+    name: str
+    mem_total_bytes: int
+    util_method: str
+    mig: bool
+    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., util_method: _Optional[str] = ..., mig: _Optional[bool] = ...) -> None: ...
+
+class ProcessInfo(_message.Message):
+    __slots__ = ("pid", "start_ms", "command", "container_id", "pod_uid", "tags")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    start_ms: int
+    command: str
+    container_id: str
+    pod_uid: str
+    tags: _containers.ScalarMap[str, str]
+    def __init__(self, pid: _Optional[int] = ..., start_ms: _Optional[int] = ..., command: _Optional[str] = ..., container_id: _Optional[str] = ..., pod_uid: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class WindowBatch(_message.Message):
+    __slots__ = ("agent_id", "agent_epoch", "seq", "host", "gpus", "processes", "gpu_windows_arrow", "proc_windows_arrow", "dropped_windows", "sent_ms")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    GPU_WINDOWS_ARROW_FIELD_NUMBER: _ClassVar[int]
+    PROC_WINDOWS_ARROW_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    SENT_MS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    agent_epoch: int
+    seq: int
+    host: HostFacts
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuInfo]
+    processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
+    gpu_windows_arrow: bytes
+    proc_windows_arrow: bytes
+    dropped_windows: int
+    sent_ms: int
+    def __init__(self, agent_id: _Optional[str] = ..., agent_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., host: _Optional[_Union[HostFacts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., gpu_windows_arrow: _Optional[bytes] = ..., proc_windows_arrow: _Optional[bytes] = ..., dropped_windows: _Optional[int] = ..., sent_ms: _Optional[int] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("seq", "code", "message", "stored_windows", "retryable")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STORED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    code: int
+    message: str
+    stored_windows: int
+    retryable: bool
+    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stored_windows: _Optional[int] = ..., retryable: _Optional[bool] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("report", "since_ms", "until_ms", "by", "filters")
+    class FiltersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    report: str
+    since_ms: int
+    until_ms: int
+    by: str
+    filters: _containers.ScalarMap[str, str]
+    def __init__(self, report: _Optional[str] = ..., since_ms: _Optional[int] = ..., until_ms: _Optional[int] = ..., by: _Optional[str] = ..., filters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ReportReply(_message.Message):
+    __slots__ = ("arrow", "currency", "pricing_source", "since_ms", "until_ms")
+    ARROW_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PRICING_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    arrow: bytes
+    currency: str
+    pricing_source: str
+    since_ms: int
+    until_ms: int
+    def __init__(self, arrow: _Optional[bytes] = ..., currency: _Optional[str] = ..., pricing_source: _Optional[str] = ..., since_ms: _Optional[int] = ..., until_ms: _Optional[int] = ...) -> None: ...
