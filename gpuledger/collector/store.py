@@ -109,11 +109,23 @@ def _is_retryable(exc: Exception) -> bool:
     return not any(p in text for p in permanent)
 
 
+def normalize_chdb_dsn(dsn: str) -> str:
+    """chdb://relative/dir -> chdb:///absolute/dir (clickhouse-connect reads chdb://host/db otherwise)."""
+    from pathlib import Path
+
+    path = dsn[len("chdb://"):]
+    if path in ("memory", ":memory:") or path.startswith("memory/"):
+        return dsn
+    p = Path(path).resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    return f"chdb://{p}"
+
+
 def open_client(dsn: str):
     """A clickhouse-connect client for a DSN: chdb://PATH or http(s)://[user:pass@]host:port[/db]."""
     u = urlparse(dsn)
     if u.scheme == "chdb":
-        return clickhouse_connect.get_client(dsn=dsn)
+        return clickhouse_connect.get_client(dsn=normalize_chdb_dsn(dsn))
     if u.scheme in ("http", "https"):
         return clickhouse_connect.get_client(dsn=dsn)
     raise ValueError(f"store DSN {dsn!r}: scheme must be chdb, http or https")

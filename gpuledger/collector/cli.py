@@ -1,0 +1,179 @@
+"""CLI of the collector side: `collector serve`, and the reports (`idle`, `cost`, `pricing`)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from enum import Enum
+from typing import Annotated
+
+import grpc
+import typer
+
+from gpuledger.client import fetch_report, parse_time
+from gpuledger.config import ConfigError, load_collector
+from gpuledger.format import render
+
+log = logging.getLogger("gpuledger.collector")
+app = typer.Typer(help="The central collector: gRPC ingest, ClickHouse storage, priced reports.",
+                  no_args_is_help=True)
+
+DEFAULT_COLLECTOR = "127.0.0.1:4700"
+
+
+class Fmt(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def serve(
+    config: Annotated[str | None, typer.Option(help="TOML config file ([collector] section).")] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on (default 127.0.0.1:4700).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Directory of the embedded store (chdb).")] = None,
+    store: Annotated[str | None, typer.Option(help="Store DSN: chdb:///path or http(s)://host:8123.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback listen address without TLS.")] = False,
+) -> None:
+    """Run the collector until SIGTERM or Ctrl-C.
+
+    Examples:
+      gpuledger collector serve --data-dir /var/lib/gpuledger
+      gpuledger collector serve --config /etc/gpuledger/collector.toml
+      gpuledger collector serve --store http://default:@clickhouse:8123 --listen 0.0.0.0:4700
+    """
+    from gpuledger.collector.service import build_collector
+
+    try:
+        cfg = load_collector(config, listen=listen, data_dir=data_dir, store=store, insecure=insecure or None)
+        collector = build_collector(cfg)
+    except (ConfigError, ValueError, OSError) as e:
+        typer.echo(f"gpuledger collector: {e}", err=True)
+        raise typer.Exit(2) from e
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    collector.start()
+    typer.echo(f"collector listening on {collector.address}, store {cfg.store_dsn()}", err=True)
+    stop.wait()
+    typer.echo("collector: finishing in-flight inserts", err=True)
+    collector.stop(grace_s=10)
+    collector.store.close()
+
+
+def _report(report: str, collector: str, since: str | None, until: str | None, by: str, filters: dict,
+            token_file: str | None):
+    import time
+
+    now_ms = int(time.time() * 1000)
+    try:
+        since_ms = parse_time(since, now_ms, now_ms - 7 * 86_400_000)
+        until_ms = parse_time(until, now_ms, now_ms)
+    except ValueError as e:
+        typer.echo(f"gpuledger: {e}", err=True)
+        raise typer.Exit(2) from e
+    from gpuledger.security import read_token
+
+    token = read_token(token_file, "GPULEDGER_QUERY_TOKEN") if token_file or "GPULEDGER_QUERY_TOKEN" in \
+        __import__("os").environ else None
+    try:
+        return fetch_report(collector, report, since_ms, until_ms, by, filters, token=token)
+    except grpc.RpcError as e:
+        typer.echo(f"gpuledger: collector at {collector}: {e.code().name}: {e.details()}", err=True)
+        raise typer.Exit(1) from e
+
+
+IDLE_COLUMNS = ["host", "instance_type", "gpus", "gpu_hours", "active_hours", "idle_held_hours", "idle_free_hours",
+                "unmonitored_hours", "mean_util_pct", "cost", "idle_cost", "idle_share", "currency"]
+
+
+def idle(
+    collector: Annotated[str, typer.Option(help="Collector HOST:PORT.")] = DEFAULT_COLLECTOR,
+    since: Annotated[str | None, typer.Option(help="Start: ISO 8601 or relative (7d, 12h). Default 7d.")] = None,
+    until: Annotated[str | None, typer.Option(help="End: ISO 8601 or relative. Default now.")] = None,
+    by: Annotated[str, typer.Option(help="host or gpu.")] = "host",
+    sort: Annotated[str, typer.Option(help="Column to sort by, descending (e.g. idle_cost, idle_share).")] = "idle_cost",
+    fmt: Annotated[Fmt, typer.Option("--format", help="table, csv or json.")] = Fmt.table,
+    host: Annotated[str | None, typer.Option(help="Only this host.")] = None,
+    token_file: Annotated[str | None, typer.Option(help="File holding the read-only query token.")] = None,
+) -> None:
+    """Idle waste per host (or GPU): who pays for GPUs that sit idle.
+
+    Examples:
+      gpuledger idle --since 7d
+      gpuledger idle --since 2026-11-01 --until 2026-11-08 --by gpu --format csv
+      gpuledger idle --since 24h --sort idle_share --format json
+    """
+    if by not in ("host", "gpu"):
+        typer.echo("gpuledger idle: --by must be host or gpu", err=True)
+        raise typer.Exit(2)
+    table, reply = _report("idle", collector, since, until, by, {"host": host} if host else {}, token_file)
+    rows = table.to_pylist()
+    if rows and sort not in rows[0]:
+        typer.echo(f"gpuledger idle: --sort {sort!r} is not a column ({', '.join(rows[0])})", err=True)
+        raise typer.Exit(2)
+    rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0) if isinstance(r.get(sort), (int, float))
+                             else 0, str(r.get(sort)) if not isinstance(r.get(sort), (int, float)) else ""))
+    cols = IDLE_COLUMNS if by == "host" else IDLE_COLUMNS[:1] + ["gpu_uuid"] + IDLE_COLUMNS[1:]
+    typer.echo(render(rows, fmt.value, cols if fmt != Fmt.json else None))
+    if fmt == Fmt.table:
+        typer.echo(f"\nprices: {reply.pricing_source}", err=True)
+
+
+COST_BY = "team, project, phase, workload, experiment, run, endpoint, slurm_job, slurm_account, host, process, " \
+          "or any tag key"
+
+
+def cost(
+    by: Annotated[str, typer.Option(help=f"Group by: {COST_BY}.")] = "team",
+    collector: Annotated[str, typer.Option(help="Collector HOST:PORT.")] = DEFAULT_COLLECTOR,
+    since: Annotated[str | None, typer.Option(help="Start: ISO 8601 or relative (7d). Default 7d.")] = None,
+    until: Annotated[str | None, typer.Option(help="End. Default now.")] = None,
+    fmt: Annotated[Fmt, typer.Option("--format", help="table, csv or json.")] = Fmt.table,
+    token_file: Annotated[str | None, typer.Option(help="File holding the read-only query token.")] = None,
+) -> None:
+    """GPU cost by team, project, phase, workload, experiment or endpoint, split active / idle.
+
+    Examples:
+      gpuledger cost --by team --since 30d
+      gpuledger cost --by endpoint --since 2026-11-01 --format csv
+      gpuledger cost --by experiment --since 7d --format json
+    """
+    table, reply = _report("cost", collector, since, until, by, {}, token_file)
+    rows = table.to_pylist()
+    cols = [by, "gpu_hours", "active_hours", "idle_held_hours", "idle_free_hours", "unmonitored_hours", "cost",
+            "active_cost", "idle_cost", "unmonitored_cost", "currency"]
+    typer.echo(render(rows, fmt.value, cols if fmt != Fmt.json else None))
+    if fmt == Fmt.table:
+        typer.echo(f"\nprices: {reply.pricing_source}", err=True)
+
+
+def pricing(
+    file: Annotated[str | None, typer.Option(help="Overrides TOML to apply on top of the catalog.")] = None,
+    fmt: Annotated[Fmt, typer.Option("--format", help="table, csv or json.")] = Fmt.table,
+) -> None:
+    """Show the price catalog in force (shipped public list prices plus your overrides).
+
+    Overrides file (TOML):
+      [[instance]]  provider="aws" region="us-east-1" instance_type="p5.48xlarge" hourly_price=55.04
+                    gpu_count=8 effective_from="2025-06-01"
+      [[gpu]]       host_id="dgx-01" gpu_hourly_price=1.10      # owned hardware, per GPU-hour
+      opencost_csv = "opencost-pricing.csv"                      # rows with AssetClass=gpu
+    """
+    from gpuledger.collector.pricing import Pricing, PricingError
+
+    try:
+        p = Pricing.default(file)
+    except PricingError as e:
+        typer.echo(f"gpuledger pricing: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(render(p.catalog_rows(), fmt.value))
+    if fmt == Fmt.table:
+        typer.echo(f"\nsources: {'; '.join(p.sources)}", err=True)
+
+
+def _exit(msg: str) -> None:
+    typer.echo(msg, err=True)
+    sys.exit(2)

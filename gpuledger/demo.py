@@ -1,0 +1,111 @@
+"""`gpuledger demo`: a simulated fleet, end to end, on the embedded store.
+
+A collector on 127.0.0.1 (random port) with embedded ClickHouse (chDB) in a data directory;
+one agent per simulated host with its own simulated clock, spool directory and gRPC stream;
+a simulated day replayed as fast as the machine allows; then the reports, fetched from the
+collector's query service exactly as `gpuledger idle` does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuledger.agent.runtime import Agent
+from gpuledger.agent.shipper import Shipper
+from gpuledger.agent.simulate import SimulatedSource, Truth, simulated_fleet
+from gpuledger.agent.spool import Spool
+from gpuledger.clock import SimClock, WallClock
+from gpuledger.collector.pricing import Pricing
+from gpuledger.collector.server import Collector
+from gpuledger.collector.store import Store
+from gpuledger.config import AgentConfig
+
+
+@dataclass
+class FleetRun:
+    start_us: int
+    end_us: int
+    agents: list
+    sources: list[SimulatedSource]
+    shippers: list[Shipper]
+    wall_s: float
+
+    def truth(self) -> dict[str, Truth]:
+        out = {}
+        for s in self.sources:
+            t = Truth()
+            for g in s.truth:
+                t.active_s += g.active_s
+                t.idle_held_s += g.idle_held_s
+                t.idle_free_s += g.idle_free_s
+                t.unmonitored_s += g.unmonitored_s
+            out[s.host_id] = t
+        return out
+
+
+def run_fleet(collector_address: str, spool_root: Path, n_hosts: int, hours: float, *, seed: int = 7,
+              start_us: int | None = None, tick_s: float = 60.0, flush_s: float = 600.0, window_s: float = 10.0,
+              progress=None, drain_timeout_s: float = 300.0, token: str | None = None) -> FleetRun:
+    """Run a simulated fleet for `hours` of simulated time, one thread per host; wait for every ack."""
+    w_us = int(window_s * 1e6)
+    if start_us is None:
+        start_us = (WallClock().now_us() - int(hours * 3600e6)) // w_us * w_us
+    end_us = start_us + int(hours * 3600e6)
+    hosts = simulated_fleet(n_hosts, seed)
+    agents, sources, shippers, clocks = [], [], [], []
+    for h in hosts:
+        clock = SimClock(start_us)
+        src = SimulatedSource(h.host_id, h.gpu_model, list(h.gpus), start_us, seed=seed)
+        cfg = AgentConfig(host_id=h.host_id, provider=h.provider, region=h.region, instance_type=h.instance_type,
+                          tags=dict(h.tags), collector=collector_address,
+                          spool_dir=str(spool_root / h.host_id), window_s=window_s, tick_s=min(tick_s, window_s),
+                          flush_s=flush_s).validate()
+        spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, fsync=False)
+        agents.append(Agent(cfg, src, clock, spool, start_us=start_us))
+        shippers.append(Shipper(collector_address, spool, token=token, max_inflight=4).start())
+        sources.append(src)
+        clocks.append(clock)
+    done_us = [0] * len(agents)
+    t0 = time.perf_counter()
+
+    def drive(i: int) -> None:
+        clock, agent = clocks[i], agents[i]
+        while clock.now_us() < end_us:
+            clock.advance(min(tick_s, (end_us - clock.now_us()) / 1e6))
+            agent.step()
+            done_us[i] = clock.now_us() - start_us
+        agent.close()
+
+    threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in range(len(agents))]
+    for t in threads:
+        t.start()
+    total = (end_us - start_us) * len(agents)
+    while any(t.is_alive() for t in threads):
+        if progress:
+            progress(sum(done_us) / total)
+        time.sleep(0.1)
+    if progress:
+        progress(1.0)
+    for sh in shippers:
+        if not sh.drain(drain_timeout_s):
+            raise RuntimeError(f"shipper for {sh.spool.dir} did not drain: {sh.stats.last_error}")
+        sh.close()
+    return FleetRun(start_us, end_us, agents, sources, shippers, time.perf_counter() - t0)
+
+
+def start_embedded_collector(data_dir: Path, listen: str = "127.0.0.1:0") -> Collector:
+    store = Store(f"chdb://{data_dir / 'chdb'}")
+    collector = Collector(store, Pricing.default(), listen=listen)
+    collector.start()
+    return collector
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
