@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 import threading
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import grpc
@@ -23,7 +23,7 @@ app = typer.Typer(help="The central collector: gRPC ingest, ClickHouse storage, 
 DEFAULT_COLLECTOR = "127.0.0.1:4700"
 
 
-class Fmt(str, Enum):
+class Fmt(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -155,6 +155,10 @@ def pricing(
     fmt: Annotated[Fmt, typer.Option("--format", help="table, csv or json.")] = Fmt.table,
 ) -> None:
     """Show the price catalog in force (shipped public list prices plus your overrides).
+
+    Examples:
+      gpuledger pricing
+      gpuledger pricing --file /etc/gpuledger/pricing.toml --format csv
 
     Overrides file (TOML):
       [[instance]]  provider="aws" region="us-east-1" instance_type="p5.48xlarge" hourly_price=55.04

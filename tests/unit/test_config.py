@@ -1,0 +1,64 @@
+"""Config: the sample files parse; precedence; validation names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpuledger.config import ConfigError, load_agent, load_collector
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sample_agent_config_parses():
+    cfg = load_agent(ROOT / "systemd" / "agent.toml", env={})
+    assert cfg.instance_type == "p5.48xlarge" and cfg.gpu_count == 8
+    assert cfg.tags == {"team": "ml-platform", "project": "shared-cluster", "cloud_account": "123456789012"}
+    assert cfg.env_allowlist == ("COST_CENTER",)
+
+
+def test_sample_collector_config_parses():
+    cfg = load_collector(ROOT / "systemd" / "collector.toml", env={})
+    assert cfg.listen == "0.0.0.0:4700" and cfg.ttl_days == 400
+    assert cfg.store_dsn().startswith("chdb://") and cfg.store_dsn().endswith("chdb")
+
+
+def test_units_reference_the_sample_configs():
+    agent = (ROOT / "systemd" / "gpuledger-agent.service").read_text()
+    collector = (ROOT / "systemd" / "gpuledger-collector.service").read_text()
+    assert "gpuledger agent run --config /etc/gpuledger/agent.toml" in agent
+    assert "gpuledger collector serve --config /etc/gpuledger/collector.toml" in collector
+
+
+def test_precedence_defaults_file_env_flags(tmp_path):
+    f = tmp_path / "a.toml"
+    f.write_text('[agent]\nhost_id = "from-file"\nwindow_s = 20.0\ntick_s = 2.0\n')
+    assert load_agent(env={}).window_s == 10.0
+    assert load_agent(f, env={}).host_id == "from-file"
+    cfg = load_agent(f, env={"GPULEDGER_AGENT_HOST_ID": "from-env", "GPULEDGER_AGENT_TICK_S": "5"})
+    assert (cfg.host_id, cfg.tick_s, cfg.window_s) == ("from-env", 5.0, 20.0)
+    cfg = load_agent(f, env={"GPULEDGER_AGENT_HOST_ID": "from-env"}, host_id="from-flag")
+    assert cfg.host_id == "from-flag"
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[agent]\nwindow_s = -1\n', "agent.window_s"),
+    ('[agent]\nwindow_s = 10.0005\n', "agent.window_s"),
+    ('[agent]\ncollector = "nohostport"\n', "agent.collector"),
+    ('[agent]\nwindo_s = 10\n', "agent.windo_s: unknown key"),
+    ('[agent]\ntick_s = "fast"\n', "agent.tick_s: cannot read"),
+    ('[agent]\ntick_s = 30\n', "agent.tick_s"),
+])
+def test_validation_names_the_key(tmp_path, text, key):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_agent(f, env={})
+
+
+def test_collector_validation(tmp_path):
+    with pytest.raises(ConfigError, match="collector.store"):
+        load_collector(env={}, store="mysql://x")
+    with pytest.raises(ConfigError, match="config file .*: not found"):
+        load_collector(tmp_path / "missing.toml", env={})
