@@ -46,63 +46,82 @@ class GaugeFold(NamedTuple):
 # ----------------------------------------------------------------------------- numba
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _win_of(t, lo, window_us, inv_w):
+    """floor((t - lo) / window_us) without a 64-bit integer division (exact for t >= lo)."""
+    d = t - lo
+    w = np.int64(d * inv_w)
+    if w * window_us > d:
+        w -= 1
+    elif (w + 1) * window_us <= d:
+        w += 1
+    return w
+
+
 @njit(cache=True, nogil=True)
 def _fold_util_nb(key, t0, t1, pct, held, lo, window_us, n_keys, n_windows):
-    count = np.zeros((n_keys, n_windows), np.int32)
-    covered = np.zeros((n_keys, n_windows), np.float64)
-    busy = np.zeros((n_keys, n_windows), np.float64)
-    held_idle = np.zeros((n_keys, n_windows), np.float64)
-    umin = np.full((n_keys, n_windows), np.nan, np.float32)
-    umax = np.full((n_keys, n_windows), np.nan, np.float32)
-    hist = np.zeros((n_keys, n_windows, 10), np.int32)
+    size = n_keys * n_windows
+    count = np.zeros(size, np.int32)
+    covered = np.zeros(size, np.float64)
+    busy = np.zeros(size, np.float64)
+    held_idle = np.zeros(size, np.float64)
+    umin = np.full(size, np.inf, np.float32)
+    umax = np.full(size, -np.inf, np.float32)
+    hist = np.zeros(size * 10, np.int32)
     hi = lo + window_us * n_windows
+    inv_w = 1.0 / window_us
     for i in range(key.shape[0]):
         p = pct[i]
-        if p != p:  # NaN: the driver had no valid reading; the time stays unmonitored
+        if not (p >= 0.0):  # NaN (no valid reading) or negative: the time stays unmonitored
             continue
         a = t0[i]
         b = t1[i]
         if b <= lo or a >= hi or b <= a:
             continue
-        k = key[i]
+        base = np.int64(key[i]) * n_windows
         frac = p * 0.01
+        hf = 1.0 if held[i] != 0 else 0.0
         # the sample's end decides the window that counts it (count, min, max, histogram)
-        if b > lo and b <= hi:
-            we = (b - 1 - lo) // window_us
-            count[k, we] += 1
-            cur = umin[k, we]
-            if cur != cur or p < cur:
-                umin[k, we] = p
-            cur = umax[k, we]
-            if cur != cur or p > cur:
-                umax[k, we] = p
-            bucket = int(p * 0.1)
-            if bucket > 9:
-                bucket = 9
-            elif bucket < 0:
-                bucket = 0
-            hist[k, we, bucket] += 1
+        if b <= hi:
+            we = _win_of(b - 1, lo, window_us, inv_w)
+            e = base + we
+            count[e] += 1
+            umin[e] = min(umin[e], p)
+            umax[e] = max(umax[e], p)
+            hist[e * 10 + min(np.int64(p * 0.1), 9)] += 1
+            if a >= lo + we * window_us:  # the common case: the sample lies in one window
+                ov = float(b - a)
+                bz = ov * frac
+                covered[e] += ov
+                busy[e] += bz
+                held_idle[e] += (ov - bz) * hf
+                continue
         if a < lo:
             a = lo
         if b > hi:
             b = hi
-        w = (a - lo) // window_us
+        w = _win_of(a, lo, window_us, inv_w)
         wend = lo + (w + 1) * window_us
-        h = held[i] != 0
+        j = base + w
         while True:
             seg_end = b if b < wend else wend
             ov = float(seg_end - a)
-            covered[k, w] += ov
             bz = ov * frac
-            busy[k, w] += bz
-            if h:
-                held_idle[k, w] += ov - bz
+            covered[j] += ov
+            busy[j] += bz
+            held_idle[j] += (ov - bz) * hf
             if seg_end >= b:
                 break
             a = seg_end
-            w += 1
+            j += 1
             wend += window_us
-    return count, covered, busy, held_idle, umin, umax, hist
+    for j in range(size):
+        if count[j] == 0:
+            umin[j] = np.nan
+            umax[j] = np.nan
+    shape = (n_keys, n_windows)
+    return (count.reshape(shape), covered.reshape(shape), busy.reshape(shape), held_idle.reshape(shape),
+            umin.reshape(shape), umax.reshape(shape), hist.reshape((n_keys, n_windows, 10)))
 
 
 @njit(cache=True, nogil=True)
@@ -190,7 +209,7 @@ def _end_window(t1, lo, window_us, n_windows):
 
 def _fold_util_np(key, t0, t1, pct, held, lo, window_us, n_keys, n_windows):
     shape = (n_keys, n_windows)
-    valid = ~np.isnan(pct) & (t1 > t0)
+    valid = (pct >= 0) & (t1 > t0)  # NaN or negative: no valid reading
     key, t0, t1, pct, held = key[valid], t0[valid], t1[valid], pct[valid], held[valid]
     rows, win, ov = _split(t0, t1, lo, window_us, n_windows)
     flat = key[rows].astype(np.int64) * n_windows + win

@@ -86,15 +86,15 @@ def gpu_state_rows(store: Store, since: int, until: int, bps: list[int], host_fi
     return store.query_rows(
         f"""SELECT host_id, gpu_uuid, arrayCount(x -> x <= window_start_ms, {{bps:Array(Int64)}}) AS seg,
                    sum(busy_ms), sum(idle_held_ms), sum(idle_free_ms), sum(unmonitored_ms), sum(window_ms),
-                   sum(util_max_pct * (sample_count > 0)) , countIf(sample_count > 0)
+                   max(window_start_ms + window_ms), countIf(sample_count > 0)
             FROM {store.db}.gpu_windows FINAL WHERE {where}
             GROUP BY host_id, gpu_uuid, seg""", params)
 
 
-def _missing_ms(store: Store, since: int, until: int, seen: dict) -> dict[tuple[str, str], int]:
-    """Per GPU: expected time in range minus the time its windows cover."""
-    fleet_end = store.query_rows(f"SELECT max(last_window_end_ms) FROM {store.db}.gpus")[0][0] or since
-    end = min(until, int(fleet_end))
+def _missing_ms(store: Store, since: int, until: int, seen: dict, fleet_end: int) -> dict[tuple[str, str], int]:
+    """Per GPU: expected time in range (from its first window, or since, to the end of the
+    fleet's newest window in range) minus the time its windows cover."""
+    end = min(until, int(fleet_end or since))
     out = {}
     for host_id, uuid, first in store.query_rows(
             f"SELECT host_id, uuid, min(first_window_ms) FROM {store.db}.gpus GROUP BY host_id, uuid"):
@@ -103,6 +103,13 @@ def _missing_ms(store: Store, since: int, until: int, seen: dict) -> dict[tuple[
             continue
         out[(host_id, uuid)] = max(0, end - start - seen.get((host_id, uuid), 0))
     return out
+
+
+def _fleet_end(store: Store, since: int, until: int) -> int:
+    r = store.query_rows(f"SELECT max(window_start_ms + window_ms) FROM {store.db}.gpu_windows "
+                         "WHERE window_start_ms >= {since:Int64} AND window_start_ms < {until:Int64}",
+                         {"since": since, "until": until})
+    return int(r[0][0] or 0)
 
 
 def _dropped(store: Store) -> dict[str, int]:
@@ -122,8 +129,10 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
     seen: dict[tuple[str, str], int] = defaultdict(int)
     last_seg: dict[tuple[str, str], int] = {}
     host_filter = filters.get("host", "")
-    for host_id, uuid, seg, busy, held, free, unmon, win, _umax, _n in gpu_state_rows(store, since, until, bps,
-                                                                                    host_filter):
+    fleet_end = 0
+    for host_id, uuid, seg, busy, held, free, unmon, win, last_end, _n in gpu_state_rows(store, since, until, bps,
+                                                                                       host_filter):
+        fleet_end = max(fleet_end, int(last_end))
         h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}})
         price = _seg_price(pricing, host_id, h, bps, seg, since)
         key = (host_id,) if by == "host" else (host_id, uuid)
@@ -132,7 +141,9 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
         _add_ms(row, busy, held, free, unmon, price)
         seen[(host_id, uuid)] += int(win)
         last_seg[(host_id, uuid)] = max(last_seg.get((host_id, uuid), 0), int(seg))
-    for (host_id, uuid), missing in _missing_ms(store, since, until, seen).items():
+    if host_filter:  # the fleet's end, not just this host's
+        fleet_end = max(fleet_end, _fleet_end(store, since, until))
+    for (host_id, uuid), missing in _missing_ms(store, since, until, seen, fleet_end).items():
         if host_filter and host_id != host_filter:
             continue
         if missing <= 0:
@@ -260,13 +271,15 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
     seen: dict[tuple[str, str], int] = defaultdict(int)
     last_seg: dict[tuple[str, str], int] = {}
     per_host_seg: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for host_id, uuid, seg, busy, held, free, unmon, win, _u, _n in gpu_state_rows(store, since, until, bps):
+    fleet_end = 0
+    for host_id, uuid, seg, busy, held, free, unmon, win, last_end, _n in gpu_state_rows(store, since, until, bps):
+        fleet_end = max(fleet_end, int(last_end))
         v = per_host_seg[(host_id, int(seg))]
         for i, x in enumerate((busy, held, free, unmon)):
             v[i] += int(x)
         seen[(host_id, uuid)] += int(win)
         last_seg[(host_id, uuid)] = max(last_seg.get((host_id, uuid), 0), int(seg))
-    for (host_id, uuid), missing in _missing_ms(store, since, until, seen).items():
+    for (host_id, uuid), missing in _missing_ms(store, since, until, seen, fleet_end).items():
         per_host_seg[(host_id, last_seg.get((host_id, uuid), len(bps)))][3] += missing
     for (host_id, seg), (busy, held, free, unmon) in per_host_seg.items():
         h = hosts.get(host_id, blank)

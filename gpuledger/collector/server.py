@@ -48,7 +48,10 @@ class IngestStats:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
-def _tables_for(items: list[Valid], now_ms: int) -> dict[str, pa.Table]:
+def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> dict[str, pa.Table]:
+    """Tables of one group commit. `known` caches host and GPU facts already stored by this
+    process, so they are written only when new or changed (a GPU's first window moving earlier)."""
+    known = {} if known is None else known
     gpu_parts, proc_parts = [], []
     hosts, gpus, procs, batches = [], [], [], []
     for v in items:
@@ -58,13 +61,19 @@ def _tables_for(items: list[Valid], now_ms: int) -> dict[str, pa.Table]:
         if v.proc.num_rows:
             proc_parts.append(v.proc.add_column(0, "host_id", pa.array([host_id] * v.proc.num_rows, pa.string())))
         h = b.host
-        hosts.append((host_id, h.hostname, h.provider, h.region, h.instance_type, h.gpu_count, list(h.tags.items()),
-                      h.agent_version, now_ms))
+        facts = h.SerializeToString(deterministic=True)
+        if known.get(("host", host_id)) != facts:
+            known[("host", host_id)] = facts
+            hosts.append((host_id, h.hostname, h.provider, h.region, h.instance_type, h.gpu_count,
+                          list(h.tags.items()), h.agent_version, now_ms))
         starts = v.gpu.column("window_start_ms")
         first = pa.compute.min(starts).as_py()
         last = pa.compute.max(pa.compute.add(starts, pa.compute.cast(v.gpu.column("window_ms"), pa.int64()))).as_py()
         for g in b.gpus:
-            gpus.append((host_id, g.uuid, g.index, g.name, g.mem_total_bytes, g.util_method, g.mig, first, last))
+            prev = known.get(("gpu", host_id, g.uuid))
+            if prev is None or first < prev:
+                known[("gpu", host_id, g.uuid)] = first
+                gpus.append((host_id, g.uuid, g.index, g.name, g.mem_total_bytes, g.util_method, g.mig, first, last))
         for p in b.processes:
             procs.append((host_id, p.pid, p.start_ms, p.command, p.container_id, p.pod_uid, list(p.tags.items()),
                           now_ms))
@@ -77,8 +86,8 @@ def _tables_for(items: list[Valid], now_ms: int) -> dict[str, pa.Table]:
 
     tags_t = pa.map_(pa.string(), pa.string())
     return {
-        "gpu_windows": pa.concat_tables(gpu_parts),
-        "proc_windows": pa.concat_tables(proc_parts) if proc_parts else None,
+        "gpu_windows": pa.concat_tables(gpu_parts).combine_chunks(),
+        "proc_windows": pa.concat_tables(proc_parts).combine_chunks() if proc_parts else None,
         "hosts": table(hosts, ["host_id", "hostname", "provider", "region", "instance_type", "gpu_count", "tags",
                                "agent_version", "updated_ms"],
                        [pa.string()] * 5 + [pa.uint32(), tags_t, pa.string(), pa.int64()]),
@@ -112,6 +121,7 @@ class Writer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpuledger-writer", daemon=True)
         self.commits = 0
+        self._known: dict = {}
         self.rows_committed = 0
         self.store_errors = 0
         self.last_insert_s = 0.0
@@ -165,8 +175,10 @@ class Writer:
     def _commit(self, group, rows: int) -> None:
         t0 = time.perf_counter()
         try:
-            tables = _tables_for([g[0] for g in group], self.clock.now_us() // 1000)
+            known = dict(self._known)
+            tables = _tables_for([g[0] for g in group], self.clock.now_us() // 1000, known)
             self.store.insert(tables)
+            self._known = known  # only once stored
             err = None
         except StoreError as e:
             err = e
