@@ -68,7 +68,7 @@ def build_batches(stream: int, n_batches: int, n_gpus: int, n_windows: int, base
     for b in range(n_batches):
         shift = base_ms + b * n_windows * 10_000
         tb = t.set_column(1, "window_start_ms", pa.compute.add(t.column("window_start_ms"), shift))
-        closed = Closed(gpu=tb, proc=pa.table({}).cast(pa.schema([])) if False else _empty_proc(), processes=[])
+        closed = Closed(gpu=tb, proc=_empty_proc(), processes=[])
         out.append(encode_batch(cfg.host_id, 1, b + 1, host, gpus, closed, 0, shift))
     return out
 
@@ -160,10 +160,10 @@ def main(streams: int = 16, batches_per_stream: int = 24, n_gpus: int = 8, windo
     # reference: bare insert_arrow of the same rows, in commits of the collector's mean size
     bare = Store(f"chdb://{tmp}/chdb", StoreOptions(database="bare"), client=store.client)
     tables = []
-    for s, batches in all_batches:
-        for raw in batches:
-            from gpuledger.v1 import telemetry_pb2 as pb
+    from gpuledger.v1 import telemetry_pb2 as pb
 
+    for _s, batches in all_batches:
+        for raw in batches:
             m = pb.WindowBatch.FromString(raw)
             t = from_ipc(m.gpu_windows_arrow)
             tables.append(t.add_column(0, "host_id", pa.array([m.host.host_id] * t.num_rows)))

@@ -48,7 +48,7 @@ class FleetRun:
 
 
 def run_fleet(collector_address: str, spool_root: Path, n_hosts: int, hours: float, *, seed: int = 7,
-              start_us: int | None = None, tick_s: float = 60.0, flush_s: float = 600.0, window_s: float = 10.0,
+              start_us: int | None = None, tick_s: float = 300.0, flush_s: float = 600.0, window_s: float = 10.0,
               progress=None, drain_timeout_s: float = 300.0, token: str | None = None) -> FleetRun:
     """Run a simulated fleet for `hours` of simulated time, one thread per host; wait for every ack."""
     w_us = int(window_s * 1e6)

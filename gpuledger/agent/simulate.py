@@ -102,7 +102,6 @@ class SimulatedSource:
             )
             for i in range(len(gpus))
         ]
-        # the first sample ends one period after start, at a per-GPU phase
         self._state = [_State(next_end_us=self.start_us + self.period_us, last_gauge_us=self.start_us)
                        for _ in gpus]
         self.truth = [Truth() for _ in gpus]
@@ -147,16 +146,23 @@ class SimulatedSource:
                     proc_parts.append((np.full(m, g, np.int32), np.full(m, ref, np.int32), starts[sel],
                                        ends[sel], pct[sel].astype(np.float32),
                                        np.full(m, 0.6 * self._mem_total)))
-            if keep[-1]:
-                busy = float(pct[keep].mean()) / 100.0 if keep.any() else 0.0
-                dt_s = (now_us - st.last_gauge_us) / 1e6
-                power_w = self._idle_w + (self._max_w - self._idle_w) * busy
-                st.energy_mj += power_w * dt_s * 1000.0
-                st.last_gauge_us = now_us
-                mem = 0.6 * self._mem_total if held[-1] else 300 * 2**20
-                gauge_rows.append((g, now_us, round(st.energy_mj), power_w * 1000.0, mem, 30 + 50 * busy))
-            else:
-                st.last_gauge_us = now_us
+            # gauges once a second, as the agent's 1 s tick reads them; none during an outage
+            gt = np.arange(st.last_gauge_us + 1_000_000, now_us + 1, 1_000_000, dtype=np.int64)
+            if gt.size:
+                st.last_gauge_us = int(gt[-1])
+                idx = np.clip(np.searchsorted(ends, gt), 0, n - 1)
+                ok = keep[idx]
+                busy = pct[idx] / 100.0
+                rng_g = np.random.default_rng(_stable_seed(self.seed, self.host_id, g, int(gt[0]), "g"))
+                power_w = self._idle_w + (self._max_w - self._idle_w) * busy + rng_g.normal(0, 0.01 * self._max_w,
+                                                                                            gt.size)
+                power_w = np.maximum(power_w, self._idle_w * 0.5)
+                energy = st.energy_mj + np.cumsum(power_w) * 1000.0  # 1 s steps: W * s = J = 1000 mJ
+                st.energy_mj = float(energy[-1])
+                mem = np.where(held[idx], 0.6 * self._mem_total, 300 * 2**20)
+                temp = 30 + 50 * busy + rng_g.normal(0, 0.5, gt.size)
+                gauge_rows.append((np.full(int(ok.sum()), g, np.int32), gt[ok], np.rint(energy[ok]),
+                                   np.rint(power_w[ok] * 1000.0), mem[ok], np.rint(temp[ok])))
         self._truth_until_us = max(self._truth_until_us, min(s.next_end_us - self.period_us for s in self._state))
         return Readings(
             util=_cat_util(util_parts),
@@ -241,12 +247,12 @@ def _cat_procs(parts) -> ProcReadings:
     return ProcReadings(*(np.concatenate([p[i] for p in parts]) for i in range(6)))
 
 
-def _gauges(rows) -> GaugeReadings:
-    if not rows:
+def _gauges(parts) -> GaugeReadings:
+    if not parts:
         return GaugeReadings()
-    g, t, e, p, m, c = zip(*rows, strict=True)
-    return GaugeReadings(np.asarray(g, np.int32), np.asarray(t, np.int64), np.asarray(e, np.float64),
-                         np.asarray(p, np.float64), np.asarray(m, np.float64), np.asarray(c, np.float64))
+    g, t, e, p, m, c = (np.concatenate([x[i] for x in parts]) for i in range(6))
+    return GaugeReadings(g.astype(np.int32), t.astype(np.int64), e.astype(np.float64), p.astype(np.float64),
+                         m.astype(np.float64), c.astype(np.float64))
 
 
 # ----------------------------------------------------------------------------- fleets

@@ -87,19 +87,23 @@ class Windower:
         self._util.add((u.gpu, u.t0_us, u.t1_us, u.pct, u.held))
         g = r.gauges
         if g.gpu.size:
-            t0 = np.empty(g.gpu.size, np.int64)
+            # each reading covers the time since the previous reading of the same GPU; the energy
+            # counter's difference over that interval is the energy spent in it
+            t0 = g.t_us.copy()
             de = np.full(g.gpu.size, np.nan)
-            for i in range(g.gpu.size):  # a handful of GPUs per poll
-                k = int(g.gpu[i])
-                t, e = int(g.t_us[i]), float(g.energy_mj[i])
-                prev = self._last_gauge.get(k)
-                if prev is None or prev[0] >= t:
-                    t0[i] = t
-                else:
-                    t0[i] = prev[0]
-                    if e == e and prev[1] == prev[1] and e >= prev[1]:
-                        de[i] = e - prev[1]
-                self._last_gauge[k] = (t, e)
+            for k in np.unique(g.gpu).tolist():
+                idx = np.flatnonzero(g.gpu == k)
+                idx = idx[np.argsort(g.t_us[idx], kind="stable")]
+                t, e = g.t_us[idx], g.energy_mj[idx]
+                prev_t, prev_e = self._last_gauge.get(k, (None, np.nan))
+                pt = np.concatenate(([t[0] if prev_t is None else prev_t], t[:-1]))
+                pe = np.concatenate(([prev_e], e[:-1]))
+                ok_t = pt < t
+                t0[idx] = np.where(ok_t, pt, t)
+                with np.errstate(invalid="ignore"):
+                    d = e - pe
+                de[idx] = np.where(ok_t & (d >= 0), d, np.nan)  # a counter reset gives no energy
+                self._last_gauge[k] = (int(t[-1]), float(e[-1]))
             self._gauge.add((g.gpu, t0, g.t_us, de, g.power_mw, g.mem_used_bytes, g.temp_c))
         m = r.gpm
         self._gpm.add((m.gpu, m.t0_us, m.t1_us, m.sm_active_pct, m.sm_occupancy_pct, m.tensor_active_pct,
