@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from google.protobuf import unknown_fields
 
 from gpuledger.schema import GPU_WINDOW_SCHEMA, HIST_BUCKETS, PROC_WINDOW_SCHEMA
 from gpuledger.v1 import telemetry_pb2 as pb
@@ -88,7 +89,21 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _check_unknown(msg, field: str) -> None:
+    """v1 is strict: a field this collector does not know is an error, not silently dropped data."""
+    unknown = unknown_fields.UnknownFieldSet(msg)
+    if len(unknown):
+        raise Invalid(f"{field}: unknown field number {unknown[0].field_number} (this collector speaks "
+                      f"gpuledger.v1; upgrade it before the agents)")
+
+
 def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> Valid:
+    _check_unknown(batch, "batch")
+    _check_unknown(batch.host, "host")
+    for i, g in enumerate(batch.gpus):
+        _check_unknown(g, f"gpus[{i}]")
+    for i, p in enumerate(batch.processes):
+        _check_unknown(p, f"processes[{i}]")
     _check_str(batch.agent_id, "agent_id", MAX_ID, required=True)
     if batch.seq == 0:
         raise Invalid("seq: must be >= 1")
