@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from enum import StrEnum
 from typing import Annotated
@@ -56,7 +55,8 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     collector.start()
-    typer.echo(f"collector listening on {collector.address}, store {cfg.store_dsn()}", err=True)
+    typer.echo(f"collector listening on {collector.address}, store {cfg.store_dsn()}; "
+               f"{collector.security_note}", err=True)
     stop.wait()
     typer.echo("collector: finishing in-flight inserts", err=True)
     collector.stop(grace_s=10)
@@ -64,7 +64,8 @@ def serve(
 
 
 def _report(report: str, collector: str, since: str | None, until: str | None, by: str, filters: dict,
-            token_file: str | None):
+            token_file: str | None, ca_file: str | None = None):
+    import os
     import time
 
     now_ms = int(time.time() * 1000)
@@ -76,10 +77,15 @@ def _report(report: str, collector: str, since: str | None, until: str | None, b
         raise typer.Exit(2) from e
     from gpuledger.security import read_token
 
-    token = read_token(token_file, "GPULEDGER_QUERY_TOKEN") if token_file or "GPULEDGER_QUERY_TOKEN" in \
-        __import__("os").environ else None
     try:
-        return fetch_report(collector, report, since_ms, until_ms, by, filters, token=token)
+        token = read_token(token_file, "GPULEDGER_QUERY_TOKEN") if token_file or os.environ.get(
+            "GPULEDGER_QUERY_TOKEN") else None
+        creds = grpc.ssl_channel_credentials(open(ca_file, "rb").read()) if ca_file else None
+    except (ConfigError, OSError) as e:
+        typer.echo(f"gpuledger: {e}", err=True)
+        raise typer.Exit(2) from e
+    try:
+        return fetch_report(collector, report, since_ms, until_ms, by, filters, token=token, credentials=creds)
     except grpc.RpcError as e:
         typer.echo(f"gpuledger: collector at {collector}: {e.code().name}: {e.details()}", err=True)
         raise typer.Exit(1) from e
@@ -97,7 +103,9 @@ def idle(
     sort: Annotated[str, typer.Option(help="Column to sort by, descending (e.g. idle_cost, idle_share).")] = "idle_cost",
     fmt: Annotated[Fmt, typer.Option("--format", help="table, csv or json.")] = Fmt.table,
     host: Annotated[str | None, typer.Option(help="Only this host.")] = None,
-    token_file: Annotated[str | None, typer.Option(help="File holding the read-only query token.")] = None,
+    token_file: Annotated[str | None, typer.Option(help="File holding the read-only query token "
+                                                     "(or GPULEDGER_QUERY_TOKEN).")] = None,
+    ca_file: Annotated[str | None, typer.Option(help="CA certificate of a TLS collector.")] = None,
 ) -> None:
     """Idle waste per host (or GPU): who pays for GPUs that sit idle.
 
@@ -109,7 +117,7 @@ def idle(
     if by not in ("host", "gpu"):
         typer.echo("gpuledger idle: --by must be host or gpu", err=True)
         raise typer.Exit(2)
-    table, reply = _report("idle", collector, since, until, by, {"host": host} if host else {}, token_file)
+    table, reply = _report("idle", collector, since, until, by, {"host": host} if host else {}, token_file, ca_file)
     rows = table.to_pylist()
     if rows and sort not in rows[0]:
         typer.echo(f"gpuledger idle: --sort {sort!r} is not a column ({', '.join(rows[0])})", err=True)
@@ -132,7 +140,9 @@ def cost(
     since: Annotated[str | None, typer.Option(help="Start: ISO 8601 or relative (7d). Default 7d.")] = None,
     until: Annotated[str | None, typer.Option(help="End. Default now.")] = None,
     fmt: Annotated[Fmt, typer.Option("--format", help="table, csv or json.")] = Fmt.table,
-    token_file: Annotated[str | None, typer.Option(help="File holding the read-only query token.")] = None,
+    token_file: Annotated[str | None, typer.Option(help="File holding the read-only query token "
+                                                     "(or GPULEDGER_QUERY_TOKEN).")] = None,
+    ca_file: Annotated[str | None, typer.Option(help="CA certificate of a TLS collector.")] = None,
 ) -> None:
     """GPU cost by team, project, phase, workload, experiment or endpoint, split active / idle.
 
@@ -141,7 +151,7 @@ def cost(
       gpuledger cost --by endpoint --since 2026-11-01 --format csv
       gpuledger cost --by experiment --since 7d --format json
     """
-    table, reply = _report("cost", collector, since, until, by, {}, token_file)
+    table, reply = _report("cost", collector, since, until, by, {}, token_file, ca_file)
     rows = table.to_pylist()
     cols = [by, "gpu_hours", "active_hours", "idle_held_hours", "idle_free_hours", "unmonitored_hours", "cost",
             "active_cost", "idle_cost", "unmonitored_cost", "currency"]
@@ -178,6 +188,44 @@ def pricing(
         typer.echo(f"\nsources: {'; '.join(p.sources)}", err=True)
 
 
-def _exit(msg: str) -> None:
-    typer.echo(msg, err=True)
-    sys.exit(2)
+@app.command("add-agent")
+def add_agent(
+    host_id: Annotated[str, typer.Argument(help="The agent's host_id (agent.host_id in its config).")],
+    tokens_file: Annotated[str, typer.Option(help="The collector's tokens file (collector.tokens_file).")],
+) -> None:
+    """Create a token for one agent: its hash goes into the tokens file, the token is printed once.
+
+    Put the printed token in the agent's token file (mode 600, agent.token_file). Restart the
+    collector to load it.
+
+    Examples:
+      gpuledger collector add-agent gpu-node-01 --tokens-file /etc/gpuledger/agent-tokens > gpu-node-01.token
+    """
+    from gpuledger.security import add_agent_token
+
+    try:
+        typer.echo(add_agent_token(tokens_file, host_id))
+    except ConfigError as e:
+        typer.echo(f"gpuledger collector: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+@app.command("query-token")
+def query_token(
+    file: Annotated[str, typer.Option(help="The collector's query token file (collector.query_token_file).")],
+) -> None:
+    """Create a read-only query token for reports: its hash is appended to FILE, the token printed once.
+
+    Examples:
+      gpuledger collector query-token --file /etc/gpuledger/query.token > ~/.gpuledger-query-token
+      GPULEDGER_QUERY_TOKEN=$(cat ~/.gpuledger-query-token) gpuledger idle --since 7d
+    """
+    import os
+
+    from gpuledger.security import hash_token, new_token
+
+    token = new_token()
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(hash_token(token) + "\n")
+    typer.echo(token)
