@@ -62,6 +62,11 @@ def run(
     shipper = Shipper(cfg.collector, spool, token=token, channel_credentials=creds, max_inflight=cfg.max_inflight,
                       ack_timeout_s=cfg.send_timeout_s, backoff_initial_s=cfg.backoff_initial_s,
                       backoff_max_s=cfg.backoff_max_s).start()
+    if cfg.metrics_listen:
+        from gpuledger.metrics import agent_registry
+        from gpuledger.metrics import serve as serve_metrics
+
+        serve_metrics(agent_registry(agent, spool, shipper), cfg.metrics_listen)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

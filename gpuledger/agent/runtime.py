@@ -57,12 +57,12 @@ def merge_closed(parts: list[Closed]) -> Closed:
 
 
 def encode_batch(agent_id: str, epoch: int, seq: int, host: pb.HostFacts, gpus: list[pb.GpuInfo],
-                 closed: Closed, dropped_windows: int, sent_ms: int) -> bytes:
+                 closed: Closed, dropped_windows: int, sent_ms: int, first_window_ms: int = 0) -> bytes:
     msg = pb.WindowBatch(agent_id=agent_id, agent_epoch=epoch, seq=seq, host=host, gpus=gpus,
                          processes=process_infos(closed.processes),
                          gpu_windows_arrow=to_ipc(closed.gpu.cast(GPU_WINDOW_SCHEMA)),
                          proc_windows_arrow=to_ipc(closed.proc.cast(PROC_WINDOW_SCHEMA)),
-                         dropped_windows=dropped_windows, sent_ms=sent_ms)
+                         dropped_windows=dropped_windows, sent_ms=sent_ms, first_window_ms=first_window_ms)
     return msg.SerializeToString()
 
 
@@ -107,8 +107,9 @@ class Agent:
         closed = merge_closed(self._pending)
         self._pending = []
         seq = self.spool.next_seq
+        self.spool.note_first_window(closed.start_ms)
         payload = encode_batch(self.agent_id, self.spool.epoch, seq, self.host, self.gpu_infos, closed,
-                               self.spool.dropped_windows, now_us // 1000)
+                               self.spool.dropped_windows, now_us // 1000, self.spool.first_window_ms)
         try:
             seq = self.spool.append(payload, closed.n_windows, seq=seq)
         except SpoolFull as e:

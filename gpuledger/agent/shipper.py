@@ -28,6 +28,28 @@ log = logging.getLogger(__name__)
 STREAM_METHOD = "/gpuledger.v1.Telemetry/Stream"
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+# WindowBatch.dropped_windows is field 9 (varint). Protobuf keeps the last value of a repeated
+# scalar field, so appending it to a spooled batch at send time reports the count as of now,
+# including drops that happened after the batch was encoded.
+_DROPPED_TAG = bytes([(9 << 3) | 0])
+
+
+def with_dropped(payload: bytes, dropped: int) -> bytes:
+    return payload + _DROPPED_TAG + _varint(dropped) if dropped else payload
+
+
 @dataclass
 class ShipperStats:
     sent: int = 0
@@ -158,7 +180,7 @@ class Shipper:
                         inflight.append((rec.seq, time.monotonic()))
                     sent_upto = rec.seq
                     self.stats.sent += 1
-                    yield payload
+                    yield with_dropped(payload, self.spool.dropped_windows)
 
         with self._channel() as channel:
             stream = channel.stream_stream(STREAM_METHOD, request_serializer=None,

@@ -58,8 +58,10 @@ class Spool:
         self.next_seq = int(state.get("next_seq", 1))
         self.dropped_windows = int(state.get("dropped_windows", 0))
         self.dead_lettered = int(state.get("dead_lettered", 0))
+        self.first_window_ms = int(state.get("first_window_ms", 0))
         self.epoch = int(state.get("epoch", 0)) + 1  # every open is a new agent epoch
         self.torn_bytes = 0
+        self._state_first = self.first_window_ms
         self._active: Path | None = None
         self._active_fh = None
         self._recover()
@@ -102,6 +104,11 @@ class Spool:
         self._gc()
 
     # ------------------------------------------------------------------ writing
+    def note_first_window(self, window_start_ms: int) -> None:
+        """Remember the earliest window ever closed here (persisted with the next state write)."""
+        if not self.first_window_ms or window_start_ms < self.first_window_ms:
+            self.first_window_ms = int(window_start_ms)
+
     def append(self, payload: bytes, n_windows: int, seq: int | None = None) -> int:
         """Durably append one encoded batch; returns its sequence number."""
         with self._lock:
@@ -127,6 +134,8 @@ class Spool:
                         raise SpoolFull(e.errno, "spool disk full and nothing left to drop") from e
             self._records.append(Record(seq, n_windows, seg, off + HEADER.size, len(payload)))
             self.next_seq = seq + 1
+            if self.first_window_ms and self._state_first != self.first_window_ms:
+                self._write_state()
             self._lock.notify_all()
             return seq
 
@@ -219,10 +228,11 @@ class Spool:
                 seg.unlink(missing_ok=True)
 
     def _write_state(self) -> None:
+        self._state_first = self.first_window_ms
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"acked_seq": self.acked_seq, "next_seq": self.next_seq,
                                    "dropped_windows": self.dropped_windows, "dead_lettered": self.dead_lettered,
-                                   "epoch": self.epoch}))
+                                   "epoch": self.epoch, "first_window_ms": self.first_window_ms}))
         os.replace(tmp, self._state_path)
 
     # ------------------------------------------------------------------ stats

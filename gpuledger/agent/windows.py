@@ -186,10 +186,13 @@ class Windower:
                 gpm_cols["gpm_covered_ms"] = f.covered_us
             self._gpm.keep(gpm, gpm[2] > hi)
 
+        # cumulative rounding to whole ms: a state with no time gets exactly 0, and the parts
+        # add up to the covered time
         covered = np.minimum(_round_u32(uf.covered_us / 1000), win_ms)
         busy = np.minimum(_round_u32(uf.busy_us / 1000), covered)
-        held = np.minimum(_round_u32(uf.held_idle_us / 1000), covered - busy)
-        free = covered - busy - held
+        busy_held = np.clip(_round_u32((uf.busy_us + uf.held_idle_us) / 1000), busy, covered)
+        held = busy_held - busy
+        free = covered - busy_held
         unmon = win_ms - covered
         starts_ms = (lo + np.arange(n_win, dtype=np.int64) * W) // 1000
         n = n_gpu * n_win

@@ -55,6 +55,12 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     collector.start()
+    if cfg.metrics_listen:
+        from gpuledger.metrics import collector_registry
+        from gpuledger.metrics import serve as serve_metrics
+
+        _, mport = serve_metrics(collector_registry(collector), cfg.metrics_listen)
+        typer.echo(f"metrics on {cfg.metrics_listen.rsplit(':', 1)[0]}:{mport}/metrics", err=True)
     typer.echo(f"collector listening on {collector.address}, store {cfg.store_dsn()}; "
                f"{collector.security_note}", err=True)
     stop.wait()

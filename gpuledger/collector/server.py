@@ -68,6 +68,8 @@ def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> d
                           list(h.tags.items()), h.agent_version, now_ms))
         starts = v.gpu.column("window_start_ms")
         first = pa.compute.min(starts).as_py()
+        if 0 < b.first_window_ms < first:  # time before the first stored window: dropped or lost
+            first = b.first_window_ms
         last = pa.compute.max(pa.compute.add(starts, pa.compute.cast(v.gpu.column("window_ms"), pa.int64()))).as_py()
         for g in b.gpus:
             prev = known.get(("gpu", host_id, g.uuid))
@@ -109,8 +111,15 @@ def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> d
 class Writer:
     """The single writer: group-commits queued batches, then resolves their futures."""
 
-    def __init__(self, store: Store, clock: Clock, max_rows: int, max_wait_s: float, max_pending_rows: int) -> None:
+    def __init__(self, store: Store, clock: Clock, max_rows: int, max_wait_s: float, max_pending_rows: int,
+                 retries: int = 3, retry_backoff_s: float = 0.2, on_health=None) -> None:
         self.store = store
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
+        self.on_health = on_health or (lambda serving: None)
+        self.store_errors_retryable = 0
+        self.store_errors_permanent = 0
+        self.insert_latency_s: list[float] = []  # recent commit latencies (bounded), for metrics
         self.clock = clock
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
@@ -173,22 +182,52 @@ class Writer:
                 return
 
     def _commit(self, group, rows: int) -> None:
+        """Insert one group; retry a passing store fault a few times; then resolve every future.
+
+        Nothing is acknowledged unless the insert returned. A retryable fault (connection,
+        timeout, overload) is retried here with backoff before the agents are told to resend; a
+        permanent one (schema, type errors: an operator must act) fails at once and marks the
+        collector NOT_SERVING until an insert succeeds again. Either way the agents keep the
+        batch spooled: it is valid data, never dead-lettered for a store fault.
+        """
         t0 = time.perf_counter()
+        err = None
+        known = dict(self._known)
         try:
-            known = dict(self._known)
             tables = _tables_for([g[0] for g in group], self.clock.now_us() // 1000, known)
-            self.store.insert(tables)
+        except Exception as e:  # a bug in building tables must not take the writer down
+            log.exception("building the insert failed")
+            tables, err = None, StoreError(f"building insert: {e}", retryable=False)
+        for attempt in range(self.retries + 1 if tables is not None else 0):
+            try:
+                self.store.insert(tables)
+                err = None
+                break
+            except StoreError as e:
+                err = e
+            except Exception as e:  # an unclassified failure counts as passing
+                err = StoreError(f"insert failed: {e}", retryable=True)
+            if err.retryable:
+                self.store_errors_retryable += 1
+                log.warning("store insert failed (retryable, attempt %d): %s", attempt + 1, err)
+                if attempt < self.retries:
+                    time.sleep(self.retry_backoff_s * (2 ** attempt))
+                    continue
+            else:
+                self.store_errors_permanent += 1
+                log.error("store insert failed (permanent; operator action needed): %s", err)
+            break
+        if err is None:
             self._known = known  # only once stored
-            err = None
-        except StoreError as e:
-            err = e
+            self.on_health(True)
+        else:
             self.store_errors += 1
-            log.error("store insert failed (%s): %s", "retryable" if e.retryable else "permanent", e)
-        except Exception as e:  # never let one group take the writer down
-            err = StoreError(f"insert failed: {e}", retryable=True)
-            self.store_errors += 1
-            log.exception("store insert failed")
+            if not err.retryable:
+                self.on_health(False)
         self.last_insert_s = time.perf_counter() - t0
+        self.insert_latency_s.append(self.last_insert_s)
+        if len(self.insert_latency_s) > 4096:
+            del self.insert_latency_s[:2048]
         with self._lock:
             self._pending_rows -= rows
         if err is None:
@@ -262,8 +301,9 @@ class Ingest:
                 done.set_result(pb.Ack(seq=seq, code=OK, stored_windows=f.result()))
             else:
                 retryable = getattr(exc, "retryable", True)
+                kind = "unavailable, retry later" if retryable else "permanent error, operator action needed"
                 done.set_result(pb.Ack(seq=seq, code=UNAVAILABLE if retryable else INTERNAL,
-                                       message=f"store: {exc}", retryable=True))
+                                       message=f"store {kind}: {exc}", retryable=True))
 
         fut.add_done_callback(finish)
         return done
@@ -281,10 +321,13 @@ class Collector:
         self.clock = clock or WallClock()
         self.listen = listen
         self.auth = auth
-        self.writer = Writer(store, self.clock, insert_max_rows, insert_max_wait_s, max_pending_rows)
+        self.health = health.HealthServicer()
+        self.writer = Writer(store, self.clock, insert_max_rows, insert_max_wait_s, max_pending_rows,
+                             on_health=self._set_store_health)
         self.ingest = Ingest(self.writer, limits, self.clock, max_batch_bytes, auth)
         self.server_credentials = server_credentials
-        self.health = health.HealthServicer()
+        self.security_note = ""
+        self.active_streams = 0
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gpuledger-rpc"),
             options=[("grpc.max_receive_message_length", max_batch_bytes + (1 << 20)),
@@ -304,6 +347,11 @@ class Collector:
         self._started = False
         self._stopped = False
         self._streams = 0
+
+    def _set_store_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not self._stopped:
+            self.health.set("gpuledger.v1.Telemetry", status)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> int:
@@ -346,6 +394,7 @@ class Collector:
         if self.auth is not None:
             principal = self.auth.authenticate_agent(context)
         acks: queue.Queue = queue.Queue()
+        self.active_streams += 1
 
         def reader():
             try:
@@ -359,15 +408,14 @@ class Collector:
                 acks.put(None)
 
         threading.Thread(target=reader, name="gpuledger-stream", daemon=True).start()
-        while True:
-            fut = acks.get()
-            if fut is None:
-                return
-            try:
+        try:
+            while True:
+                fut = acks.get()
+                if fut is None:
+                    return
                 yield fut.result()
-            except Exception:
-                log.exception("ack failed")
-                return
+        finally:
+            self.active_streams -= 1
 
     def _report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
         if self.auth is not None:

@@ -107,6 +107,8 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
     _check_str(batch.agent_id, "agent_id", MAX_ID, required=True)
     if batch.seq == 0:
         raise Invalid("seq: must be >= 1")
+    if batch.first_window_ms < 0 or batch.first_window_ms > now_ms + limits.max_future_ms:
+        raise Invalid(f"first_window_ms: {batch.first_window_ms} is negative or in the future")
     h = batch.host
     _check_str(h.host_id, "host.host_id", MAX_ID, required=True)
     for name in ("hostname", "provider", "region", "instance_type", "agent_version"):

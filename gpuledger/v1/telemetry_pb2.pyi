@@ -73,7 +73,7 @@ class ProcessInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., start_ms: _Optional[int] = ..., command: _Optional[str] = ..., container_id: _Optional[str] = ..., pod_uid: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WindowBatch(_message.Message):
-    __slots__ = ("agent_id", "agent_epoch", "seq", "host", "gpus", "processes", "gpu_windows_arrow", "proc_windows_arrow", "dropped_windows", "sent_ms")
+    __slots__ = ("agent_id", "agent_epoch", "seq", "host", "gpus", "processes", "gpu_windows_arrow", "proc_windows_arrow", "dropped_windows", "sent_ms", "first_window_ms")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class WindowBatch(_message.Message):
     PROC_WINDOWS_ARROW_FIELD_NUMBER: _ClassVar[int]
     DROPPED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     SENT_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     agent_epoch: int
     seq: int
@@ -94,7 +95,8 @@ class WindowBatch(_message.Message):
     proc_windows_arrow: bytes
     dropped_windows: int
     sent_ms: int
-    def __init__(self, agent_id: _Optional[str] = ..., agent_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., host: _Optional[_Union[HostFacts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., gpu_windows_arrow: _Optional[bytes] = ..., proc_windows_arrow: _Optional[bytes] = ..., dropped_windows: _Optional[int] = ..., sent_ms: _Optional[int] = ...) -> None: ...
+    first_window_ms: int
+    def __init__(self, agent_id: _Optional[str] = ..., agent_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., host: _Optional[_Union[HostFacts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., gpu_windows_arrow: _Optional[bytes] = ..., proc_windows_arrow: _Optional[bytes] = ..., dropped_windows: _Optional[int] = ..., sent_ms: _Optional[int] = ..., first_window_ms: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "code", "message", "stored_windows", "retryable")
