@@ -58,6 +58,7 @@ class AgentConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     idle_mem_threshold_mib: int = 1024  # replay: a 0 % GPU with this much memory used is idle-held
+    proc_root: str = "/proc"  # the host's /proc (e.g. /host/proc when the agent runs in a container)
     metrics_listen: str = ""
 
     def validate(self) -> AgentConfig:
@@ -88,6 +89,7 @@ class CollectorConfig:
     max_batch_bytes: int = 16 << 20
     max_batch_rows: int = 200_000
     max_gpus_per_batch: int = 1024
+    max_streams: int = 1024  # agent streams served at once (each holds a thread)
     max_future_s: float = 300.0
     insert_max_rows: int = 500_000
     insert_max_wait_s: float = 0.05

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from gpuledger.agent.cli_nvml import probe, replay
 from gpuledger.config import ConfigError, load_agent
 
 log = logging.getLogger("gpuledger.agent")
@@ -76,3 +77,7 @@ def run(
     agent.close()
     shipper.close(drain_timeout_s=5.0)
     spool.close()
+
+
+app.command()(replay)
+app.command()(probe)

@@ -26,18 +26,21 @@ from gpuledger.v1 import telemetry_pb2 as pb
 log = logging.getLogger(__name__)
 
 
-def host_facts(cfg: AgentConfig, gpus: list[GpuFacts]) -> pb.HostFacts:
+def host_facts(cfg: AgentConfig, gpus: list[GpuFacts], physical_gpus: int = 0) -> pb.HostFacts:
+    """Host facts; the priced GPU count is the config's, else the physical GPUs (MIG instances
+    are not GPUs of their own for pricing)."""
     import socket
 
     return pb.HostFacts(host_id=cfg.host_id, hostname=socket.gethostname(), provider=cfg.provider,
                         region=cfg.region, instance_type=cfg.instance_type,
-                        gpu_count=cfg.gpu_count or len(gpus), tags={str(k): str(v) for k, v in cfg.tags.items()},
+                        gpu_count=cfg.gpu_count or physical_gpus or len(gpus), tags={str(k): str(v) for k, v in cfg.tags.items()},
                         agent_version=__version__)
 
 
 def gpu_infos(gpus: list[GpuFacts]) -> list[pb.GpuInfo]:
     return [pb.GpuInfo(uuid=g.uuid, index=g.index, name=g.name, mem_total_bytes=g.mem_total_bytes,
-                       util_method=g.util_method, mig=g.mig) for g in gpus]
+                       util_method=g.util_method, mig=g.mig, parent_uuid=g.parent_uuid, share=g.share)
+            for g in gpus]
 
 
 def process_infos(processes: list[ProcessIdentity]) -> list[pb.ProcessInfo]:
@@ -75,7 +78,7 @@ class Agent:
         self.spool = spool
         self.gpus = source.gpus()
         self.windower = Windower(self.gpus, cfg.window_s, cfg.lateness_s, start_us=start_us)
-        self.host = host_facts(cfg, self.gpus)
+        self.host = host_facts(cfg, self.gpus, getattr(source, "physical_gpu_count", 0))
         self.gpu_infos = gpu_infos(self.gpus)
         self.agent_id = cfg.host_id
         self._pending: list[Closed] = []

@@ -22,6 +22,18 @@ class GpuFacts:
     mem_total_bytes: int
     util_method: str  # samples | rates | gpm | simulated | replay | none
     mig: bool = False
+    parent_uuid: str = ""  # a MIG instance: the physical GPU it is carved from
+    share: float = 1.0  # the fraction of a physical GPU it is priced as (a MIG instance: its slices / 7)
+
+
+def mig_share(name: str, max_slices: int = 7) -> float:
+    """Share of the physical GPU from a MIG profile name such as 'NVIDIA A100 MIG 3g.20gb' (3 of 7 slices)."""
+    import re
+
+    m = re.search(r"(\d+)g\.\d+gb", name)
+    if not m:
+        return 1.0
+    return min(1.0, int(m.group(1)) / max_slices)
 
 
 @dataclass(frozen=True)
