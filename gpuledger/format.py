@@ -18,6 +18,13 @@ def _cell(v) -> str:
     return str(v)
 
 
+def _csv_safe(v):
+    """A text cell a spreadsheet would run as a formula (=, +, -, @ first) is quoted with a '."""
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
+
+
 def render(rows: list[dict], fmt: str, columns: list[str] | None = None) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2, default=str)
@@ -26,7 +33,7 @@ def render(rows: list[dict], fmt: str, columns: list[str] | None = None) -> str:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: _csv_safe(v) for k, v in r.items()} for r in rows)
         return buf.getvalue()
     if fmt != "table":
         raise ValueError(f"format: {fmt!r} is not table, csv or json")

@@ -10,6 +10,7 @@ newest window of the whole fleet (or `until`). Windows inside that span that nev
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 
@@ -65,6 +66,19 @@ def _hosts(store: Store) -> dict[str, dict]:
         f"SELECT host_id, provider, region, instance_type, gpu_count, tags FROM {store.db}.hosts FINAL")
     return {r[0]: {"provider": r[1], "region": r[2], "instance_type": r[3], "gpu_count": int(r[4]),
                    "tags": dict(r[5])} for r in rows}
+
+
+def _shares(store: Store) -> dict[tuple[str, str], float]:
+    """Fraction of a physical GPU each device is priced as (MIG instances < 1)."""
+    rows = store.query_rows(f"SELECT host_id, uuid, argMax(share, first_window_ms) FROM {store.db}.gpus "
+                            "GROUP BY host_id, uuid")
+    return {(h, u): float(sh) for h, u, sh in rows if sh and sh != 1.0}
+
+
+def _scaled(price, share: float):
+    if price is None or share == 1.0:
+        return price
+    return dataclasses.replace(price, per_gpu_hour=price.per_gpu_hour * share, method=price.method + "*mig_share")
 
 
 def _breakpoints(pricing: Pricing, since: int, until: int) -> list[int]:
@@ -124,6 +138,7 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
     if by not in ("host", "gpu"):
         raise ReportError(f"by: {by!r} is not host or gpu")
     hosts = _hosts(store)
+    shares = _shares(store)
     bps = _breakpoints(pricing, since, until)
     acc: dict[tuple, dict] = {}
     seen: dict[tuple[str, str], int] = defaultdict(int)
@@ -134,7 +149,7 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
                                                                                        host_filter):
         fleet_end = max(fleet_end, int(last_end))
         h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}})
-        price = _seg_price(pricing, host_id, h, bps, seg, since)
+        price = _scaled(_seg_price(pricing, host_id, h, bps, seg, since), shares.get((host_id, uuid), 1.0))
         key = (host_id,) if by == "host" else (host_id, uuid)
         row = acc.setdefault(key, _new_row(host_id, h, uuid if by == "gpu" else None))
         row["_gpus"].add(uuid)
@@ -149,7 +164,8 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
         if missing <= 0:
             continue
         h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}})
-        price = _seg_price(pricing, host_id, h, bps, last_seg.get((host_id, uuid), len(bps)), since)
+        price = _scaled(_seg_price(pricing, host_id, h, bps, last_seg.get((host_id, uuid), len(bps)), since),
+                        shares.get((host_id, uuid), 1.0))
         key = (host_id,) if by == "host" else (host_id, uuid)
         row = acc.setdefault(key, _new_row(host_id, h, uuid if by == "gpu" else None))
         row["_gpus"].add(uuid)
@@ -229,6 +245,7 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
         raise ReportError(f"by: {by!r} is not a tag key")
     keys = list(TAG_ALIASES.get(by, (by,)))
     hosts = _hosts(store)
+    shares = _shares(store)
     bps = _breakpoints(pricing, since, until)
     params = {"since": since, "until": until, "bps": bps, "keys": keys}
     if by == "process":
@@ -245,7 +262,7 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
                 FROM {db}.proc_windows FINAL
                 WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}
                 WINDOW w AS (PARTITION BY host_id, gpu_uuid, window_start_ms))
-            SELECT pw.host_id, arrayCount(x -> x <= pw.window_start_ms, {{bps:Array(Int64)}}) AS seg,
+            SELECT pw.host_id, pw.gpu_uuid, arrayCount(x -> x <= pw.window_start_ms, {{bps:Array(Int64)}}) AS seg,
                    {label} AS label,
                    sum(g.busy_ms * if(busy_total > 0, pw.busy_ms / busy_total, pw.held_ms / held_total)) AS active,
                    sum(g.idle_held_ms * pw.held_ms / held_total) AS held
@@ -257,34 +274,34 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
             LEFT JOIN (SELECT host_id, pid, start_ms, command, tags FROM {db}.processes FINAL) AS p
                 ON p.host_id = pw.host_id AND p.pid = pw.pid AND p.start_ms = pw.proc_start_ms
             WHERE held_total > 0
-            GROUP BY pw.host_id, seg, label""", params)
+            GROUP BY pw.host_id, pw.gpu_uuid, seg, label""", params)
     acc: dict[str, dict] = {}
-    host_att: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    host_att: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
     blank = {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}}
-    for host_id, seg, label, active, held in attributed:
+    for host_id, uuid, seg, label, active, held in attributed:
         h = hosts.get(host_id, blank)
-        price = _seg_price(pricing, host_id, h, bps, int(seg), since)
+        price = _scaled(_seg_price(pricing, host_id, h, bps, int(seg), since), shares.get((host_id, uuid), 1.0))
         _cost_add(acc, label or "(untagged)", "process", price, active, held, 0, 0)
-        host_att[(host_id, int(seg))][0] += active
-        host_att[(host_id, int(seg))][1] += held
+        host_att[(host_id, uuid, int(seg))][0] += active
+        host_att[(host_id, uuid, int(seg))][1] += held
     # the rest of every host's time goes to the host's owner tag
     seen: dict[tuple[str, str], int] = defaultdict(int)
     last_seg: dict[tuple[str, str], int] = {}
-    per_host_seg: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    per_host_seg: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     fleet_end = 0
     for host_id, uuid, seg, busy, held, free, unmon, win, last_end, _n in gpu_state_rows(store, since, until, bps):
         fleet_end = max(fleet_end, int(last_end))
-        v = per_host_seg[(host_id, int(seg))]
+        v = per_host_seg[(host_id, uuid, int(seg))]
         for i, x in enumerate((busy, held, free, unmon)):
             v[i] += int(x)
         seen[(host_id, uuid)] += int(win)
         last_seg[(host_id, uuid)] = max(last_seg.get((host_id, uuid), 0), int(seg))
     for (host_id, uuid), missing in _missing_ms(store, since, until, seen, fleet_end).items():
-        per_host_seg[(host_id, last_seg.get((host_id, uuid), len(bps)))][3] += missing
-    for (host_id, seg), (busy, held, free, unmon) in per_host_seg.items():
+        per_host_seg[(host_id, uuid, last_seg.get((host_id, uuid), len(bps)))][3] += missing
+    for (host_id, uuid, seg), (busy, held, free, unmon) in per_host_seg.items():
         h = hosts.get(host_id, blank)
-        price = _seg_price(pricing, host_id, h, bps, seg, since)
-        att = host_att.get((host_id, seg), [0.0, 0.0])
+        price = _scaled(_seg_price(pricing, host_id, h, bps, seg, since), shares.get((host_id, uuid), 1.0))
+        att = host_att.get((host_id, uuid, seg), [0.0, 0.0])
         owner = host_id if by == "host" else next((h["tags"][k] for k in keys if h["tags"].get(k)), "(unattributed)")
         if by == "process":
             owner = "(no process)"

@@ -75,7 +75,8 @@ def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> d
             prev = known.get(("gpu", host_id, g.uuid))
             if prev is None or first < prev:
                 known[("gpu", host_id, g.uuid)] = first
-                gpus.append((host_id, g.uuid, g.index, g.name, g.mem_total_bytes, g.util_method, g.mig, first, last))
+                gpus.append((host_id, g.uuid, g.index, g.name, g.mem_total_bytes, g.util_method, g.mig, first, last,
+                             g.parent_uuid, g.share or 1.0))
         for p in b.processes:
             procs.append((host_id, p.pid, p.start_ms, p.command, p.container_id, p.pod_uid, list(p.tags.items()),
                           now_ms))
@@ -94,9 +95,9 @@ def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> d
                                "agent_version", "updated_ms"],
                        [pa.string()] * 5 + [pa.uint32(), tags_t, pa.string(), pa.int64()]),
         "gpus": table(gpus, ["host_id", "uuid", "gpu_index", "name", "mem_total_bytes", "util_method", "mig",
-                             "first_window_ms", "last_window_end_ms"],
+                             "first_window_ms", "last_window_end_ms", "parent_uuid", "share"],
                       [pa.string(), pa.string(), pa.uint32(), pa.string(), pa.uint64(), pa.string(), pa.bool_(),
-                       pa.int64(), pa.int64()]),
+                       pa.int64(), pa.int64(), pa.string(), pa.float32()]),
         "processes": table(procs, ["host_id", "pid", "start_ms", "command", "container_id", "pod_uid", "tags",
                                    "last_seen_ms"],
                            [pa.string(), pa.uint32(), pa.int64(), pa.string(), pa.string(), pa.string(), tags_t,
@@ -182,44 +183,55 @@ class Writer:
                 return
 
     def _commit(self, group, rows: int) -> None:
-        """Insert one group; retry a passing store fault a few times; then resolve every future.
+        """Insert one group, then resolve every future; nothing is acknowledged unless the insert
+        returned.
 
-        Nothing is acknowledged unless the insert returned. A retryable fault (connection,
-        timeout, overload) is retried here with backoff before the agents are told to resend; a
-        permanent one (schema, type errors: an operator must act) fails at once and marks the
-        collector NOT_SERVING until an insert succeeds again. Either way the agents keep the
-        batch spooled: it is valid data, never dead-lettered for a store fault.
+        A retryable fault (connection, timeout, overload) is retried here with backoff before the
+        agents are told to resend. A permanent one (the store refuses the data: an operator must
+        act, or one batch is at fault) fails without retry; if the group held several batches they
+        are committed one by one, so one batch the store refuses cannot fail the others. The agents
+        keep a failed batch spooled: valid data is never dead-lettered for a store fault.
         """
         t0 = time.perf_counter()
-        err = None
+        err = self._insert([g[0] for g in group])
+        if err is not None and not err.retryable and len(group) > 1:
+            log.warning("group of %d batches refused (%s); committing them one by one", len(group), err)
+            for item in group:
+                self._resolve([item], item[1], self._insert([item[0]]), t0)
+            return
+        self._resolve(group, rows, err, t0)
+
+    def _insert(self, items: list[Valid]) -> StoreError | None:
         known = dict(self._known)
         try:
-            tables = _tables_for([g[0] for g in group], self.clock.now_us() // 1000, known)
+            tables = _tables_for(items, self.clock.now_us() // 1000, known)
         except Exception as e:  # a bug in building tables must not take the writer down
             log.exception("building the insert failed")
-            tables, err = None, StoreError(f"building insert: {e}", retryable=False)
-        for attempt in range(self.retries + 1 if tables is not None else 0):
+            return StoreError(f"building insert: {e}", retryable=False)
+        for attempt in range(self.retries + 1):
             try:
                 self.store.insert(tables)
-                err = None
-                break
+                self._known = known  # only once stored
+                return None
             except StoreError as e:
                 err = e
             except Exception as e:  # an unclassified failure counts as passing
                 err = StoreError(f"insert failed: {e}", retryable=True)
-            if err.retryable:
-                self.store_errors_retryable += 1
-                log.warning("store insert failed (retryable, attempt %d): %s", attempt + 1, err)
-                if attempt < self.retries:
-                    time.sleep(self.retry_backoff_s * (2 ** attempt))
-                    continue
-            else:
+            if not err.retryable:
                 self.store_errors_permanent += 1
                 log.error("store insert failed (permanent; operator action needed): %s", err)
-            break
+                return err
+            self.store_errors_retryable += 1
+            log.warning("store insert failed (retryable, attempt %d): %s", attempt + 1, err)
+            if attempt < self.retries:
+                time.sleep(self.retry_backoff_s * (2 ** attempt))
+        return err
+
+    def _resolve(self, group, rows: int, err: StoreError | None, t0: float) -> None:
         if err is None:
-            self._known = known  # only once stored
             self.on_health(True)
+            self.commits += 1
+            self.rows_committed += rows
         else:
             self.store_errors += 1
             if not err.retryable:
@@ -230,9 +242,6 @@ class Writer:
             del self.insert_latency_s[:2048]
         with self._lock:
             self._pending_rows -= rows
-        if err is None:
-            self.commits += 1
-            self.rows_committed += rows
         for item, _, fut in group:
             if err is None:
                 fut.set_result(item.gpu.num_rows)
@@ -271,7 +280,13 @@ class Ingest:
             seq = batch.seq
             if self.auth is not None:
                 self.auth.check_batch(principal, batch)
-            valid = validate(batch, self.clock.now_us() // 1000, self.limits)
+            try:
+                valid = validate(batch, self.clock.now_us() // 1000, self.limits)
+            except (Invalid, TooLarge):
+                raise
+            except Exception as e:  # a validation bug must answer this batch, not end the stream
+                log.exception("validation failed unexpectedly for seq=%d", seq)
+                raise Invalid(f"batch: could not be validated ({type(e).__name__}: {e})") from e
         except Invalid as e:
             self.stats.reject("invalid")
             log.warning("rejected batch seq=%d: %s", seq, e)
@@ -315,7 +330,7 @@ class Collector:
     def __init__(self, store: Store, pricing: Pricing, *, listen: str = "127.0.0.1:0", clock: Clock | None = None,
                  limits: Limits = Limits(), max_batch_bytes: int = 16 << 20, insert_max_rows: int = 500_000,
                  insert_max_wait_s: float = 0.05, max_pending_rows: int = 2_000_000, auth=None,
-                 server_credentials: grpc.ServerCredentials | None = None, max_workers: int = 64) -> None:
+                 server_credentials: grpc.ServerCredentials | None = None, max_streams: int = 1024) -> None:
         self.store = store
         self.pricing = pricing
         self.clock = clock or WallClock()
@@ -328,8 +343,13 @@ class Collector:
         self.server_credentials = server_credentials
         self.security_note = ""
         self.active_streams = 0
+        # A sync gRPC server holds one worker thread per open stream for the stream's life: the pool
+        # must exceed the number of agents. Past max_streams, a new stream is refused with
+        # RESOURCE_EXHAUSTED at once (the agent backs off) instead of waiting silently.
+        self.max_streams = max_streams
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gpuledger-rpc"),
+            futures.ThreadPoolExecutor(max_workers=max_streams + 32, thread_name_prefix="gpuledger-rpc"),
+            maximum_concurrent_rpcs=max_streams + 32,
             options=[("grpc.max_receive_message_length", max_batch_bytes + (1 << 20)),
                      ("grpc.max_send_message_length", 256 << 20)])
         handlers = {

@@ -25,6 +25,7 @@ def build_collector(cfg: CollectorConfig) -> Collector:
                     retention_ms=cfg.ttl_days * 86_400_000 if cfg.ttl_days else 0)
     collector = Collector(store, pricing, listen=cfg.listen, limits=limits, max_batch_bytes=cfg.max_batch_bytes,
                      insert_max_rows=cfg.insert_max_rows, insert_max_wait_s=cfg.insert_max_wait_s,
-                     max_pending_rows=cfg.max_pending_rows, auth=auth, server_credentials=creds)
+                     max_pending_rows=cfg.max_pending_rows, auth=auth, server_credentials=creds,
+                     max_streams=cfg.max_streams)
     collector.security_note = note
     return collector

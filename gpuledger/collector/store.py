@@ -78,7 +78,7 @@ TABLES = {
     "gpus": ("""
         host_id LowCardinality(String), uuid String, gpu_index UInt32, name LowCardinality(String),
         mem_total_bytes UInt64, util_method LowCardinality(String), mig Bool,
-        first_window_ms Int64, last_window_end_ms Int64
+        first_window_ms Int64, last_window_end_ms Int64, parent_uuid String, share Float32
     """, "MergeTree", "(host_id, uuid)", "", False),
     "agent_batches": ("""
         agent_id LowCardinality(String), host_id LowCardinality(String), agent_epoch UInt64, seq UInt64,
@@ -105,7 +105,7 @@ class StoreError(RuntimeError):
 def _is_retryable(exc: Exception) -> bool:
     text = str(exc).lower()
     permanent = ("syntax error", "unknown identifier", "type mismatch", "cannot parse", "no such column",
-                 "illegal type", "unknown table")
+                 "illegal type", "unknown table", "too many partitions")
     return not any(p in text for p in permanent)
 
 
@@ -174,11 +174,13 @@ class Store:
 
     # ------------------------------------------------------------------ writes
     def insert(self, tables: dict[str, pa.Table]) -> None:
-        """Insert one group commit: detail tables first, the batch log last."""
+        """Insert one group commit: the windows first, then the facts about hosts, GPUs and processes,
+        the batch log last. A failure part-way leaves no facts without their windows; a retry
+        re-inserts the windows, which the ReplacingMergeTree tables count once."""
         t0 = time.perf_counter()
         with self._lock:
             try:
-                for name in ("hosts", "gpus", "processes", "proc_windows", "gpu_windows", "agent_batches"):
+                for name in ("gpu_windows", "proc_windows", "processes", "hosts", "gpus", "agent_batches"):
                     t = tables.get(name)
                     if t is not None and t.num_rows:
                         self.client.insert_arrow(f"{self.db}.{name}", t)

@@ -18,6 +18,8 @@ from gpuledger.v1 import telemetry_pb2 as pb
 MAX_ID = 128
 MAX_STR = 256
 MAX_TAGS = 64
+# bidirectional-text controls: they can make a report display something else than it holds
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class Invalid(ValueError):
@@ -35,6 +37,7 @@ class Limits:
     max_processes: int = 100_000
     max_future_ms: int = 300_000
     retention_ms: int = 0  # 0: no lower bound on window start
+    max_months: int = 3  # distinct calendar months (store partitions) one batch may touch
 
 
 @dataclass
@@ -49,7 +52,7 @@ def _check_str(value: str, field: str, limit: int = MAX_STR, required: bool = Fa
         raise Invalid(f"{field}: required")
     if len(value) > limit:
         raise Invalid(f"{field}: {len(value)} characters, at most {limit}")
-    if any(ord(c) < 32 for c in value):
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or c in _BIDI for c in value):
         raise Invalid(f"{field}: contains control characters")
 
 
@@ -68,8 +71,12 @@ def _decode(body: bytes, schema: pa.Schema, field: str, allow_empty: bool) -> pa
         raise Invalid(f"{field}: empty")
     try:
         table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+    except (pa.ArrowInvalid, pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise Invalid(f"{field}: not an Arrow IPC stream ({e})") from e
+    try:
+        names = [f.name for f in table.schema]  # a column name that is not UTF-8 fails here
+    except UnicodeDecodeError as e:
+        raise Invalid(f"{field}: column name is not UTF-8") from e
     if table.schema != schema:
         want = {f.name: f.type for f in schema}
         got = {f.name: f.type for f in table.schema}
@@ -81,7 +88,11 @@ def _decode(body: bytes, schema: pa.Schema, field: str, allow_empty: bool) -> pa
         extra = [n for n in got if n not in want]
         if extra:
             raise Invalid(f"{field}.{extra[0]}: unknown column")
-        raise Invalid(f"{field}: columns out of order")
+        raise Invalid(f"{field}: columns out of order ({', '.join(names)})")
+    try:  # offsets and lengths: a corrupt body must not reach the compute kernels
+        table.validate(full=True)
+    except (pa.ArrowInvalid, pa.ArrowException) as e:
+        raise Invalid(f"{field}: corrupt Arrow body ({e})") from e
     return table
 
 
@@ -123,6 +134,8 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
         _check_str(g.uuid, f"gpus[{i}].uuid", MAX_ID, required=True)
         _check_str(g.name, f"gpus[{i}].name")
         _check_str(g.util_method, f"gpus[{i}].util_method", 32)
+        if not (0.0 <= g.share <= 1.0):
+            raise Invalid(f"gpus[{i}].share: {g.share} is not between 0 and 1")
         if g.uuid in uuids:
             raise Invalid(f"gpus[{i}].uuid: duplicate {g.uuid!r}")
         uuids.add(g.uuid)
@@ -171,7 +184,7 @@ def _validate_gpu(t: pa.Table, uuids: set, now_ms: int, limits: Limits) -> None:
         raise Invalid(f"{f}window_start_ms: not a multiple of window_ms at row {_first_bad(start % win != 0)}")
     if (start < 0).any():
         raise Invalid(f"{f}window_start_ms: negative at row {_first_bad(start < 0)}")
-    future = start + win > now_ms + limits.max_future_ms
+    future = start > now_ms + limits.max_future_ms - win  # no start + win: it could overflow int64
     if future.any():
         raise Invalid(f"{f}window_start_ms: {int(start[_first_bad(future)])} is in the future "
                       f"(collector clock {now_ms}) at row {_first_bad(future)}")
@@ -179,6 +192,10 @@ def _validate_gpu(t: pa.Table, uuids: set, now_ms: int, limits: Limits) -> None:
         old = start < now_ms - limits.retention_ms
         if old.any():
             raise Invalid(f"{f}window_start_ms: older than retention at row {_first_bad(old)}")
+    months = np.unique(start.astype("datetime64[ms]").astype("datetime64[M]"))
+    if months.size > limits.max_months:
+        raise Invalid(f"{f}window_start_ms: the batch spans {months.size} calendar months ({months[0]} to "
+                      f"{months[-1]}), at most {limits.max_months}")
     cols = {n: _col(t, n).astype(np.int64) for n in ("covered_ms", "busy_ms", "idle_held_ms", "idle_free_ms",
                                                      "unmonitored_ms", "sample_count")}
     total = cols["busy_ms"] + cols["idle_held_ms"] + cols["idle_free_ms"] + cols["unmonitored_ms"]
@@ -239,3 +256,9 @@ def _validate_proc(t: pa.Table, gpu: pa.Table, uuids: set, procs: set) -> None:
     start = _col(t, "window_start_ms")
     if (start % win != 0).any():
         raise Invalid(f"{f}window_start_ms: not a multiple of window_ms at row {_first_bad(start % win != 0)}")
+    # every process window must fall in one of the batch's GPU windows
+    gpu_keys = set(zip(gpu.column("gpu_uuid").to_pylist(), _col(gpu, "window_start_ms").tolist(), strict=True))
+    for r, key in enumerate(zip(t.column("gpu_uuid").to_pylist(), start.tolist(), strict=True)):
+        if key not in gpu_keys:
+            raise Invalid(f"{f}window_start_ms: {key[1]} for GPU {key[0]!r} at row {r} has no GPU window in "
+                          "this batch")

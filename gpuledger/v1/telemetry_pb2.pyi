@@ -34,20 +34,24 @@ class HostFacts(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., hostname: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., instance_type: _Optional[str] = ..., gpu_count: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class GpuInfo(_message.Message):
-    __slots__ = ("uuid", "index", "name", "mem_total_bytes", "util_method", "mig")
+    __slots__ = ("uuid", "index", "name", "mem_total_bytes", "util_method", "mig", "parent_uuid", "share")
     UUID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     UTIL_METHOD_FIELD_NUMBER: _ClassVar[int]
     MIG_FIELD_NUMBER: _ClassVar[int]
+    PARENT_UUID_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     index: int
     name: str
     mem_total_bytes: int
     util_method: str
     mig: bool
-    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., util_method: _Optional[str] = ..., mig: _Optional[bool] = ...) -> None: ...
+    parent_uuid: str
+    share: float
+    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., util_method: _Optional[str] = ..., mig: _Optional[bool] = ..., parent_uuid: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
     __slots__ = ("pid", "start_ms", "command", "container_id", "pod_uid", "tags")
