@@ -277,24 +277,18 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float = 60.0) -
 # ----------------------------------------------------------------------------- main
 
 
-# `collector serve` with a bigger gRPC thread pool than the Collector's default (64): for comparison runs only
-SERVE_WITH_WORKERS = ("import sys; from gpuledger.collector.server import Collector; "
-                      "Collector.__init__.__kwdefaults__['max_workers'] = int(sys.argv.pop(1)); "
-                      "from gpuledger.cli import main; sys.argv[0] = 'gpuledger'; main()")
-
-
 def main(agents: int = 500, procs: int = 4, seconds: float = 60.0, rate: float = 0.5, inflight: int = 8,
-         drain_s: float = 20.0, keep: bool = False, max_workers: int = 0) -> dict:
+         drain_s: float = 20.0, keep: bool = False, max_streams: int = 0) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="gl-load-"))
     port = free_port()
     target = f"127.0.0.1:{port}"
     base_ms = (int(time.time() * 1000) - 2 * 86_400_000) // 3_600_000 * 3_600_000  # two days ago, on the hour
     log = open(tmp / "collector.log", "w")
-    cmd = [sys.executable, "-m", "gpuledger.cli"]
-    if max_workers:
-        cmd = [sys.executable, "-c", SERVE_WITH_WORKERS, str(max_workers)]
-    cmd += ["collector", "serve", "--data-dir", str(tmp), "--listen", target]
-    collector = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    cmd = [sys.executable, "-m", "gpuledger.cli", "collector", "serve", "--data-dir", str(tmp), "--listen", target]
+    env = dict(os.environ)
+    if max_streams:
+        env["GPULEDGER_COLLECTOR_MAX_STREAMS"] = str(max_streams)
+    collector = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         wait_serving(target, collector)
         a = {"target": target, "seconds": seconds, "rate": rate, "inflight": inflight, "drain_s": drain_s}
@@ -372,7 +366,7 @@ def main(agents: int = 500, procs: int = 4, seconds: float = 60.0, rate: float =
     return {
         "bench": "collector_load",
         "agents": agents, "gpus_per_agent": N_GPUS, "windows_per_batch": per_batch, "client_processes": procs,
-        "collector_grpc_workers": max_workers or "default (64)",
+        "collector_max_streams": max_streams or "default (1024)",
         "send_s": seconds, "batches_per_agent_per_s": rate, "max_inflight": inflight,
         "windows_sent": sent_windows, "windows_acked": acked * per_batch,
         "windows_lost": lost, "acked_but_not_stored": acked_not_stored, "stored_but_never_sent": stored_unsent,
@@ -413,9 +407,9 @@ if __name__ == "__main__":
     p.add_argument("--inflight", type=int, default=8, help="unacknowledged batches per agent, at most")
     p.add_argument("--drain-s", type=float, default=20.0, help="time to wait for outstanding acks after sending")
     p.add_argument("--keep", action="store_true", help="keep the data dir (printed as data_dir)")
-    p.add_argument("--collector-max-workers", type=int, default=0,
-                   help="run `collector serve` with this many gRPC worker threads instead of its default 64 "
-                        "(a comparison: each agent stream holds one worker for its whole life)")
+    p.add_argument("--collector-max-streams", type=int, default=0,
+                   help="collector.max_streams for this run (default: the collector's own, 1024); an agent "
+                        "stream holds a server thread for its whole life, so fewer streams than agents starve some")
     args = p.parse_args()
     print(json.dumps(main(args.agents, args.procs, args.seconds, args.rate, args.inflight, args.drain_s, args.keep,
-                          args.collector_max_workers)))
+                          args.collector_max_streams)))
