@@ -85,6 +85,7 @@ class CollectorConfig:
     database: str = "gpuledger"
     cluster: str = ""  # ClickHouse cluster name for ON CLUSTER DDL (server mode)
     ttl_days: int = 0  # 0: keep forever
+    partition_by: str = "month"  # month | week | day (window tables; fixed when the tables are created)
     pricing_file: str = ""  # TOML overrides of the shipped catalog
     max_batch_bytes: int = 16 << 20
     max_batch_rows: int = 200_000
@@ -111,6 +112,8 @@ class CollectorConfig:
         _require(dsn.startswith(("chdb://", "http://", "https://")), "collector.store",
                  f"must start with chdb://, http:// or https://, got {dsn!r}")
         _require(self.ttl_days >= 0, "collector.ttl_days", "must be >= 0")
+        _require(self.partition_by in ("month", "week", "day"), "collector.partition_by",
+                 f"must be month, week or day, got {self.partition_by!r}")
         _require(self.max_batch_rows > 0, "collector.max_batch_rows", "must be > 0")
         _require(self.max_batch_bytes > 1024, "collector.max_batch_bytes", "must be > 1024")
         return self

@@ -180,54 +180,70 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
     return out
 
 
+@dataclasses.dataclass
+class _Tally:
+    """GPU-milliseconds by state (active, idle-held, idle-free, unmonitored) and their cost."""
+
+    ms: list = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    cost: list = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    priced: bool = True
+    currency: set = dataclasses.field(default_factory=set)
+    method: set = dataclasses.field(default_factory=set)
+
+    def add(self, price, active, held, free, unmon, via: str = "") -> None:
+        vals = (float(active), float(held), float(free), float(unmon))
+        for i, v in enumerate(vals):
+            self.ms[i] += v
+        if price is None:
+            self.priced = False
+            return
+        rate = price.per_gpu_hour / MS_PER_HOUR
+        for i, v in enumerate(vals):
+            self.cost[i] += v * rate
+        self.currency.add(price.currency)
+        self.method.add(f"{price.method} via {via}" if via else price.method)
+
+    def fields(self, method_key: str) -> dict:
+        busy, held, free, unmon = self.ms
+        c_busy, c_held, c_free, c_unmon = self.cost
+        monitored = busy + held + free
+        total = sum(self.cost)
+        p = self.priced
+        return {
+            "gpu_hours": (monitored + unmon) / MS_PER_HOUR,
+            "monitored_gpu_hours": monitored / MS_PER_HOUR,
+            "active_hours": busy / MS_PER_HOUR,
+            "idle_held_hours": held / MS_PER_HOUR,
+            "idle_free_hours": free / MS_PER_HOUR,
+            "unmonitored_hours": unmon / MS_PER_HOUR,
+            "mean_util_pct": 100.0 * busy / monitored if monitored else None,
+            "cost": total if p else None,
+            "active_cost": c_busy if p else None,
+            "idle_cost": c_held + c_free if p else None,
+            "idle_held_cost": c_held if p else None,
+            "idle_free_cost": c_free if p else None,
+            "unmonitored_cost": c_unmon if p else None,
+            "idle_share": ((c_held + c_free) / total if total else 0.0) if p else None,
+            "currency": ",".join(sorted(self.currency)),
+            method_key: ",".join(sorted(self.method)) or ("unpriced" if not p else ""),
+        }
+
+
 def _new_row(host_id: str, h: dict, uuid: str | None) -> dict:
     row = {"host": host_id}
     if uuid is not None:
         row["gpu_uuid"] = uuid
     row.update({"provider": h["provider"], "region": h["region"], "instance_type": h["instance_type"], "_gpus": set(),
-                "_ms": [0, 0, 0, 0], "_cost": [0.0, 0.0, 0.0, 0.0], "_priced": True, "_currency": set(),
-                "_method": set()})
+                "_tally": _Tally()})
     return row
 
 
 def _add_ms(row: dict, busy, held, free, unmon, price) -> None:
-    ms = (int(busy), int(held), int(free), int(unmon))
-    for i, v in enumerate(ms):
-        row["_ms"][i] += v
-    if price is None:
-        row["_priced"] = False
-        return
-    rate = price.per_gpu_hour / MS_PER_HOUR
-    for i, v in enumerate(ms):
-        row["_cost"][i] += v * rate
-    row["_currency"].add(price.currency)
-    row["_method"].add(price.method)
+    row["_tally"].add(price, int(busy), int(held), int(free), int(unmon))
 
 
 def _finish(row: dict) -> dict:
-    busy, held, free, unmon = row.pop("_ms")
-    c_busy, c_held, c_free, c_unmon = row.pop("_cost")
-    priced = row.pop("_priced")
-    monitored = busy + held + free
-    row.update({
-        "gpu_hours": (monitored + unmon) / MS_PER_HOUR,
-        "monitored_gpu_hours": monitored / MS_PER_HOUR,
-        "active_hours": busy / MS_PER_HOUR,
-        "idle_held_hours": held / MS_PER_HOUR,
-        "idle_free_hours": free / MS_PER_HOUR,
-        "unmonitored_hours": unmon / MS_PER_HOUR,
-        "mean_util_pct": 100.0 * busy / monitored if monitored else None,
-    })
-    total = c_busy + c_held + c_free + c_unmon
-    if priced:
-        row.update({"cost": total, "active_cost": c_busy, "idle_cost": c_held + c_free,
-                    "idle_held_cost": c_held, "idle_free_cost": c_free, "unmonitored_cost": c_unmon,
-                    "idle_share": (c_held + c_free) / total if total else 0.0})
-    else:
-        row.update({"cost": None, "active_cost": None, "idle_cost": None, "idle_held_cost": None,
-                    "idle_free_cost": None, "unmonitored_cost": None, "idle_share": None})
-    row["currency"] = ",".join(sorted(row.pop("_currency"))) or ""
-    row["price_method"] = ",".join(sorted(row.pop("_method"))) or ("unpriced" if not priced else "")
+    row.update(row.pop("_tally").fields("price_method"))
     return row
 
 
@@ -306,40 +322,10 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
         if by == "process":
             owner = "(no process)"
         _cost_add(acc, owner, "host", price, max(0.0, busy - att[0]), max(0.0, held - att[1]), free, unmon)
-    rows = []
-    for label, r in acc.items():
-        total_ms = sum(r["ms"])
-        priced = r["priced"]
-        total = sum(r["cost"])
-        rows.append({
-            by: label,
-            "gpu_hours": total_ms / MS_PER_HOUR,
-            "active_hours": r["ms"][0] / MS_PER_HOUR,
-            "idle_held_hours": r["ms"][1] / MS_PER_HOUR,
-            "idle_free_hours": r["ms"][2] / MS_PER_HOUR,
-            "unmonitored_hours": r["ms"][3] / MS_PER_HOUR,
-            "cost": total if priced else None,
-            "active_cost": r["cost"][0] if priced else None,
-            "idle_cost": (r["cost"][1] + r["cost"][2]) if priced else None,
-            "unmonitored_cost": r["cost"][3] if priced else None,
-            "currency": ",".join(sorted(r["currency"])),
-            "allocation": ",".join(sorted(r["method"])),
-        })
+    rows = [{by: label, **tally.fields("allocation")} for label, tally in acc.items()]
     rows.sort(key=lambda x: (-(x["cost"] or 0), str(x[by])))
     return rows
 
 
 def _cost_add(acc, label, via, price, active, held, free, unmon) -> None:
-    r = acc.setdefault(label, {"ms": [0.0, 0.0, 0.0, 0.0], "cost": [0.0, 0.0, 0.0, 0.0], "priced": True,
-                               "currency": set(), "method": set()})
-    vals = (float(active), float(held), float(free), float(unmon))
-    for i, v in enumerate(vals):
-        r["ms"][i] += v
-    if price is None:
-        r["priced"] = False
-        return
-    rate = price.per_gpu_hour / MS_PER_HOUR
-    for i, v in enumerate(vals):
-        r["cost"][i] += v * rate
-    r["currency"].add(price.currency)
-    r["method"].add(f"{price.method} via {via}")
+    acc.setdefault(label, _Tally()).add(price, active, held, free, unmon, via)

@@ -19,7 +19,8 @@ def build_collector(cfg: CollectorConfig) -> Collector:
         from pathlib import Path
 
         Path(dsn[len("chdb://"):]).mkdir(parents=True, exist_ok=True)
-    store = Store(dsn, StoreOptions(database=cfg.database, cluster=cfg.cluster, ttl_days=cfg.ttl_days))
+    store = Store(dsn, StoreOptions(database=cfg.database, cluster=cfg.cluster, ttl_days=cfg.ttl_days,
+                                    partition_by=cfg.partition_by))
     limits = Limits(max_batch_rows=cfg.max_batch_rows, max_gpus=cfg.max_gpus_per_batch,
                     max_future_ms=int(cfg.max_future_s * 1000),
                     retention_ms=cfg.ttl_days * 86_400_000 if cfg.ttl_days else 0)

@@ -87,11 +87,15 @@ TABLES = {
 }
 
 
+PARTITION_FUNCTIONS = {"month": "toYYYYMM", "week": "toMonday", "day": "toYYYYMMDD"}
+
+
 @dataclass(frozen=True)
 class StoreOptions:
     database: str = "gpuledger"
     cluster: str = ""
     ttl_days: int = 0
+    partition_by: str = "month"  # month | week | day: how window tables are partitioned
 
 
 class StoreError(RuntimeError):
@@ -154,7 +158,8 @@ class Store:
             eng = f"Replicated{engine}({args})"
         parts = [f"CREATE TABLE IF NOT EXISTS {self.db}.{local}{on_cluster} ({cols}) ENGINE = {eng}"]
         if partitioned:
-            parts.append("PARTITION BY toYYYYMM(toDateTime(intDiv(window_start_ms, 1000)))")
+            fn = PARTITION_FUNCTIONS[self.opt.partition_by]
+            parts.append(f"PARTITION BY {fn}(toDateTime(intDiv(window_start_ms, 1000)))")
         parts.append(f"ORDER BY {order}")
         if partitioned and self.opt.ttl_days:
             parts.append(f"TTL toDateTime(intDiv(window_start_ms, 1000)) + INTERVAL {int(self.opt.ttl_days)} DAY")

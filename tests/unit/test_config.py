@@ -57,8 +57,21 @@ def test_validation_names_the_key(tmp_path, text, key):
         load_agent(f, env={})
 
 
+def test_store_ddl_follows_partition_and_ttl_options():
+    from gpuledger.collector.store import Store, StoreOptions
+
+    ddl = Store._ddl_for(type("S", (), {"opt": StoreOptions(partition_by="day", ttl_days=30), "db": "g"})(),
+                         "gpu_windows")
+    assert "PARTITION BY toYYYYMMDD(" in ddl[0] and "INTERVAL 30 DAY" in ddl[0]
+    ddl = Store._ddl_for(type("S", (), {"opt": StoreOptions(cluster="c1"), "db": "g"})(), "gpu_windows")
+    assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/g/gpu_windows_local', '{replica}')" in ddl[0]
+    assert "ON CLUSTER 'c1'" in ddl[0] and "ENGINE = Distributed('c1', 'g', 'gpu_windows_local', rand())" in ddl[1]
+
+
 def test_collector_validation(tmp_path):
     with pytest.raises(ConfigError, match="collector.store"):
         load_collector(env={}, store="mysql://x")
+    with pytest.raises(ConfigError, match="collector.partition_by: must be month, week or day"):
+        load_collector(env={}, partition_by="hour")
     with pytest.raises(ConfigError, match="config file .*: not found"):
         load_collector(tmp_path / "missing.toml", env={})
