@@ -63,8 +63,8 @@ def _warm_kernels() -> None:
     kernels.fold_gauge(np.zeros(1, np.int32), one - 1, one, *(np.zeros(1),) * 4, 0, 10, 1, 1)
 
 
-def run(ticks: int, n_gpus: int, collector: str | None, warmup: int) -> dict:
-    rss_imports = _rss_mb()  # numpy, pyarrow, grpc, numba with its LLVM: the floor of any agent process
+def run(ticks: int, n_gpus: int, collector: str | None, warmup: int, kernels: str = "numba") -> dict:
+    rss_imports = _rss_mb()  # numpy, pyarrow, grpc (and numba with its LLVM): the floor of the agent process
     gpus = [fk.h100(i, keep_history=False) for i in range(n_gpus)]
     for i, g in enumerate(gpus):
         g.processes = [fk.FakeProcess(PIDS[i % len(PIDS)])] if i % 4 != 3 else []  # one GPU in four unallocated
@@ -85,7 +85,7 @@ def run(ticks: int, n_gpus: int, collector: str | None, warmup: int) -> dict:
     src.poll = timed_poll
     with tempfile.TemporaryDirectory(prefix="gl-bench-") as tmp:
         cfg = AgentConfig(host_id="bench-host", provider="aws", region="us-east-1", instance_type="p5.48xlarge",
-                          spool_dir=tmp).validate()
+                          spool_dir=tmp, kernels=kernels).validate()
         spool = Spool(tmp, max_bytes=cfg.spool_max_bytes)  # fsync on, as in production
         agent = Agent(cfg, src, clock, spool, start_us=T0)
         shipper = None
@@ -127,6 +127,8 @@ def run(ticks: int, n_gpus: int, collector: str | None, warmup: int) -> dict:
     rss_mb = rss_kb / 1024.0
     return {
         "bench": "agent_overhead",
+        "kernels": kernels,
+        "numba_loaded": "numba" in sys.modules,
         "gpus": n_gpus,
         "ticks": ticks,
         "tick_s": cfg.tick_s,
@@ -156,9 +158,20 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--collector", default=None, help="HOST:PORT of a collector: also run the shipper")
+    ap.add_argument("--kernels", choices=("numba", "numpy", "both"), default="both",
+                    help="agent.kernels; both: one fresh process each (peak RSS is per process)")
     a = ap.parse_args()
-    _warm_kernels()
-    print(json.dumps(run(a.ticks, a.gpus, a.collector, a.warmup)))
+    if a.kernels == "both":
+        import subprocess
+
+        for k in ("numba", "numpy"):
+            args = [sys.executable, __file__, "--kernels", k, "--ticks", str(a.ticks), "--gpus", str(a.gpus),
+                    "--warmup", str(a.warmup)] + (["--collector", a.collector] if a.collector else [])
+            subprocess.run(args, check=True)
+        return
+    if a.kernels == "numba":
+        _warm_kernels()
+    print(json.dumps(run(a.ticks, a.gpus, a.collector, a.warmup, a.kernels)), flush=True)
 
 
 if __name__ == "__main__":

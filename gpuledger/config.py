@@ -58,6 +58,10 @@ class AgentConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     idle_mem_threshold_mib: int = 1024  # replay: a 0 % GPU with this much memory used is idle-held
+    # Window kernels of the live agent: numpy (default) or numba. A host folds tens of samples per
+    # second per GPU: both cost the same CPU there, and numba with LLVM adds ~100 MB of memory.
+    # Replay and the simulated demo, which fold millions of samples, use numba.
+    kernels: str = "numpy"
     proc_root: str = "/proc"  # the host's /proc (e.g. /host/proc when the agent runs in a container)
     metrics_listen: str = ""
 
@@ -72,6 +76,7 @@ class AgentConfig:
         _require(self.spool_max_bytes >= 1 << 16, "agent.spool_max_bytes", "must be at least 65536")
         _require(_is_hostport(self.collector), "agent.collector", f"must be HOST:PORT, got {self.collector!r}")
         _require(self.max_inflight >= 1, "agent.max_inflight", "must be >= 1")
+        _require(self.kernels in ("numba", "numpy"), "agent.kernels", f"must be numba or numpy, got {self.kernels!r}")
         _require(all(isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()), "agent.tags",
                  "keys and values must be strings")
         return self

@@ -63,7 +63,7 @@ def run_fleet(collector_address: str, spool_root: Path, n_hosts: int, hours: flo
         cfg = AgentConfig(host_id=h.host_id, provider=h.provider, region=h.region, instance_type=h.instance_type,
                           tags=dict(h.tags), collector=collector_address,
                           spool_dir=str(spool_root / h.host_id), window_s=window_s, tick_s=min(tick_s, window_s),
-                          flush_s=flush_s).validate()
+                          flush_s=flush_s, kernels="numba").validate()
         spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, fsync=False)
         agents.append(Agent(cfg, src, clock, spool, start_us=start_us))
         shippers.append(Shipper(collector_address, spool, token=token, max_inflight=4).start())

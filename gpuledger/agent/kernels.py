@@ -7,8 +7,10 @@ since the previous reading of the same key. Windows are [lo + k*W, lo + (k+1)*W)
 same readings window by window, or all at once, gives the same figures.
 
 Each kernel has two implementations with one contract: a numba one (`@njit(cache=True,
-nogil=True)`, the fast path) and a plain numpy reference. `tests/unit/test_kernels.py` checks
-they agree on random and edge-case inputs.
+nogil=True)` in kernels_numba.py, the fast path) and a plain numpy reference here.
+`tests/unit/test_kernels.py` checks they agree on random and edge-case inputs. The agent can run
+on the reference (`agent.kernels = "numpy"`): a host folds only tens of samples per second per
+GPU, and that keeps numba and LLVM out of the agent's memory.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
 
 from gpuledger.schema import HIST_BUCKETS
 
@@ -41,142 +42,6 @@ class GaugeFold(NamedTuple):
     power_max_mw: np.ndarray  # float64 (NaN if none)
     mem_max: np.ndarray  # float64 (NaN if none)
     temp_max: np.ndarray  # float64 (NaN if none)
-
-
-# ----------------------------------------------------------------------------- numba
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _win_of(t, lo, window_us, inv_w):
-    """floor((t - lo) / window_us) without a 64-bit integer division (exact for t >= lo)."""
-    d = t - lo
-    w = np.int64(d * inv_w)
-    if w * window_us > d:
-        w -= 1
-    elif (w + 1) * window_us <= d:
-        w += 1
-    return w
-
-
-@njit(cache=True, nogil=True)
-def _fold_util_nb(key, t0, t1, pct, held, lo, window_us, n_keys, n_windows):
-    size = n_keys * n_windows
-    count = np.zeros(size, np.int32)
-    covered = np.zeros(size, np.float64)
-    busy = np.zeros(size, np.float64)
-    held_idle = np.zeros(size, np.float64)
-    umin = np.full(size, np.inf, np.float32)
-    umax = np.full(size, -np.inf, np.float32)
-    hist = np.zeros(size * 10, np.int32)
-    hi = lo + window_us * n_windows
-    inv_w = 1.0 / window_us
-    for i in range(key.shape[0]):
-        p = pct[i]
-        if not (p >= 0.0):  # NaN (no valid reading) or negative: the time stays unmonitored
-            continue
-        a = t0[i]
-        b = t1[i]
-        if b <= lo or a >= hi or b <= a:
-            continue
-        base = np.int64(key[i]) * n_windows
-        frac = p * 0.01
-        hf = 1.0 if held[i] != 0 else 0.0
-        # the sample's end decides the window that counts it (count, min, max, histogram)
-        if b <= hi:
-            we = _win_of(b - 1, lo, window_us, inv_w)
-            e = base + we
-            count[e] += 1
-            umin[e] = min(umin[e], p)
-            umax[e] = max(umax[e], p)
-            hist[e * 10 + min(np.int64(p * 0.1), 9)] += 1
-            if a >= lo + we * window_us:  # the common case: the sample lies in one window
-                ov = float(b - a)
-                bz = ov * frac
-                covered[e] += ov
-                busy[e] += bz
-                held_idle[e] += (ov - bz) * hf
-                continue
-        if a < lo:
-            a = lo
-        if b > hi:
-            b = hi
-        w = _win_of(a, lo, window_us, inv_w)
-        wend = lo + (w + 1) * window_us
-        j = base + w
-        while True:
-            seg_end = b if b < wend else wend
-            ov = float(seg_end - a)
-            bz = ov * frac
-            covered[j] += ov
-            busy[j] += bz
-            held_idle[j] += (ov - bz) * hf
-            if seg_end >= b:
-                break
-            a = seg_end
-            j += 1
-            wend += window_us
-    for j in range(size):
-        if count[j] == 0:
-            umin[j] = np.nan
-            umax[j] = np.nan
-    shape = (n_keys, n_windows)
-    return (count.reshape(shape), covered.reshape(shape), busy.reshape(shape), held_idle.reshape(shape),
-            umin.reshape(shape), umax.reshape(shape), hist.reshape((n_keys, n_windows, 10)))
-
-
-@njit(cache=True, nogil=True)
-def _fold_gauge_nb(key, t0, t1, energy_delta, power, mem, temp, lo, window_us, n_keys, n_windows):
-    count = np.zeros((n_keys, n_windows), np.int32)
-    energy = np.zeros((n_keys, n_windows), np.float64)
-    psum = np.zeros((n_keys, n_windows), np.float64)
-    pcount = np.zeros((n_keys, n_windows), np.int32)
-    pmax = np.full((n_keys, n_windows), np.nan, np.float64)
-    mmax = np.full((n_keys, n_windows), np.nan, np.float64)
-    tmax = np.full((n_keys, n_windows), np.nan, np.float64)
-    hi = lo + window_us * n_windows
-    for i in range(key.shape[0]):
-        k = key[i]
-        b = t1[i]
-        if b > lo and b <= hi:
-            we = (b - 1 - lo) // window_us
-            count[k, we] += 1
-            v = power[i]
-            if v == v:
-                psum[k, we] += v
-                pcount[k, we] += 1
-                cur = pmax[k, we]
-                if cur != cur or v > cur:
-                    pmax[k, we] = v
-            v = mem[i]
-            if v == v:
-                cur = mmax[k, we]
-                if cur != cur or v > cur:
-                    mmax[k, we] = v
-            v = temp[i]
-            if v == v:
-                cur = tmax[k, we]
-                if cur != cur or v > cur:
-                    tmax[k, we] = v
-        e = energy_delta[i]
-        a = t0[i]
-        if e != e or b <= a:
-            continue
-        span = float(b - a)
-        if b <= lo or a >= hi:
-            continue
-        ca = a if a > lo else lo
-        cb = b if b < hi else hi
-        w = (ca - lo) // window_us
-        wend = lo + (w + 1) * window_us
-        while True:
-            seg_end = cb if cb < wend else wend
-            energy[k, w] += e * (seg_end - ca) / span
-            if seg_end >= cb:
-                break
-            ca = seg_end
-            w += 1
-            wend += window_us
-    return count, energy, psum, pcount, pmax, mmax, tmax
 
 
 # ----------------------------------------------------------------------------- numpy reference
@@ -273,6 +138,9 @@ def _fold_gauge_np(key, t0, t1, energy_delta, power, mem, temp, lo, window_us, n
 # ----------------------------------------------------------------------------- entry points
 
 
+BACKENDS = ("numba", "numpy")
+
+
 def _as(arr, dtype):
     return np.ascontiguousarray(arr, dtype=dtype)
 
@@ -291,7 +159,9 @@ def fold_util(key, t0_us, t1_us, pct, held, lo_us, window_us, n_keys, n_windows,
     )
     if reference:
         return _fold_util_np(*args)
-    return UtilFold(*_fold_util_nb(*args))
+    from gpuledger.agent import kernels_numba
+
+    return UtilFold(*kernels_numba._fold_util_nb(*args))
 
 
 def fold_gauge(key, t0_us, t1_us, energy_delta_mj, power_mw, mem_bytes, temp_c, lo_us, window_us, n_keys,
@@ -311,4 +181,6 @@ def fold_gauge(key, t0_us, t1_us, energy_delta_mj, power_mw, mem_bytes, temp_c, 
     )
     if reference:
         return _fold_gauge_np(*args)
-    return GaugeFold(*_fold_gauge_nb(*args))
+    from gpuledger.agent import kernels_numba
+
+    return GaugeFold(*kernels_numba._fold_gauge_nb(*args))

@@ -366,7 +366,7 @@ def replay(path: str | Path, cfg, *, spool_dir: str | Path | None = None, tz: st
     shipper = None
     try:
         # one batch per step of log time
-        agent = Agent(dataclasses.replace(cfg, flush_s=step_s), source, clock, spool, start_us=start)
+        agent = Agent(dataclasses.replace(cfg, flush_s=step_s, kernels="numba"), source, clock, spool, start_us=start)
         shipper = Shipper(cfg.collector, spool, token=token, channel_credentials=channel_credentials,
                           max_inflight=cfg.max_inflight, ack_timeout_s=cfg.send_timeout_s,
                           backoff_initial_s=cfg.backoff_initial_s,

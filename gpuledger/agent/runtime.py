@@ -77,7 +77,7 @@ class Agent:
         self.clock = clock
         self.spool = spool
         self.gpus = source.gpus()
-        self.windower = Windower(self.gpus, cfg.window_s, cfg.lateness_s, start_us=start_us)
+        self.windower = Windower(self.gpus, cfg.window_s, cfg.lateness_s, start_us=start_us, kernels=cfg.kernels)
         self.host = host_facts(cfg, self.gpus, getattr(source, "physical_gpu_count", 0))
         self.gpu_infos = gpu_infos(self.gpus)
         self.agent_id = cfg.host_id

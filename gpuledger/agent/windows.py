@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from gpuledger.agent import kernels
+from gpuledger.agent.kernels import BACKENDS
 from gpuledger.agent.source import GpuFacts, ProcessIdentity, Readings
 from gpuledger.schema import GPU_WINDOW_SCHEMA, HIST_BUCKETS, PROC_WINDOW_SCHEMA
 
@@ -62,7 +63,10 @@ def _round_u32(x: np.ndarray) -> np.ndarray:
 
 class Windower:
     def __init__(self, gpus: list[GpuFacts], window_s: float = 10.0, lateness_s: float = 2.0,
-                 start_us: int | None = None) -> None:
+                 start_us: int | None = None, kernels: str = "numba") -> None:
+        if kernels not in BACKENDS:
+            raise ValueError(f"kernels: {kernels!r} is not one of {BACKENDS}")
+        self.reference = kernels == "numpy"  # the numpy implementation: no numba in this process
         self.gpus = list(gpus)
         self.window_us = int(round(window_s * 1e6))
         if self.window_us <= 0 or self.window_us % 1000:
@@ -164,13 +168,13 @@ class Windower:
             util = (empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.int64),
                     empty.astype(np.float32), empty.astype(np.uint8))
         self.late_readings += int((util[2] <= lo).sum())
-        uf = kernels.fold_util(*util, lo, W, n_gpu, n_win)
+        uf = kernels.fold_util(*util, lo, W, n_gpu, n_win, reference=self.reference)
         self._util.keep(util, util[2] > hi)
 
         gauge = self._gauge.take()
         if gauge is not None:
             gf = kernels.fold_gauge(gauge[0], gauge[1], gauge[2], gauge[3], gauge[4], gauge[5], gauge[6], lo, W,
-                                    n_gpu, n_win)
+                                    n_gpu, n_win, reference=self.reference)
             self._gauge.keep(gauge, gauge[2] > hi)
         else:
             gf = None
@@ -181,7 +185,7 @@ class Windower:
             ones = np.zeros(gpm[0].size, np.uint8)
             for name, col in (("sm_active_ms", 3), ("sm_occupancy_ms", 4), ("tensor_active_ms", 5),
                               ("dram_active_ms", 6)):
-                f = kernels.fold_util(gpm[0], gpm[1], gpm[2], gpm[col], ones, lo, W, n_gpu, n_win)
+                f = kernels.fold_util(gpm[0], gpm[1], gpm[2], gpm[col], ones, lo, W, n_gpu, n_win, reference=self.reference)
                 gpm_cols[name] = f.busy_us
                 gpm_cols["gpm_covered_ms"] = f.covered_us
             self._gpm.keep(gpm, gpm[2] > hi)
@@ -247,9 +251,9 @@ class Windower:
             return PROC_WINDOW_SCHEMA.empty_table(), []
         n_keys = len(self._proc_key_list)
         ones = np.zeros(proc[0].size, np.uint8)
-        f = kernels.fold_util(proc[0], proc[1], proc[2], proc[3], ones, lo, W, n_keys, n_win)
+        f = kernels.fold_util(proc[0], proc[1], proc[2], proc[3], ones, lo, W, n_keys, n_win, reference=self.reference)
         g = kernels.fold_gauge(proc[0], proc[1], proc[2], np.full(proc[0].size, np.nan), np.full(proc[0].size, np.nan),
-                               proc[4], np.full(proc[0].size, np.nan), lo, W, n_keys, n_win)
+                               proc[4], np.full(proc[0].size, np.nan), lo, W, n_keys, n_win, reference=self.reference)
         self._proc.keep(proc, proc[2] > hi)
         held = np.minimum(_round_u32(f.covered_us / 1000), W // 1000)
         busy = np.minimum(_round_u32(f.busy_us / 1000), held)

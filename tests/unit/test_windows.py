@@ -47,6 +47,27 @@ def test_conservation_and_truth_over_simulated_hours():
     assert totals["unmonitored_ms"] / 1000 >= 600
 
 
+def test_numpy_and_numba_windowers_agree():
+    gpus = [SimGpu("training"), SimGpu("notebook"), SimGpu("inference"), SimGpu("idle")]
+    out = {}
+    for kernels in ("numba", "numpy"):
+        src = SimulatedSource("h1", "H100", gpus, START, seed=9)
+        w = Windower(src.gpus(), 10.0, 2.0, start_us=START, kernels=kernels)
+        now, tables = START, []
+        for _ in range(30):
+            now += 60_000_000
+            w.add(src.poll(now))
+            tables.append(w.close(now).gpu)
+        out[kernels] = tables
+    for a, b in zip(out["numba"], out["numpy"], strict=True):
+        for name in a.column_names:
+            x, y = a.column(name).to_pylist(), b.column(name).to_pylist()
+            if name.endswith("_ms") or name.endswith("_mw") or name.endswith("_mj"):
+                assert all(abs(p - q) <= 1 for p, q in zip(x, y, strict=True)), name  # float sums: +-1 in rounding
+            else:
+                assert x == y, name
+
+
 def _approx(x):
     import pytest
 
