@@ -19,6 +19,9 @@ app.add_typer(collector_cli.app, name="collector")
 app.command()(collector_cli.idle)
 app.command()(collector_cli.cost)
 app.command()(collector_cli.pricing)
+export_app = typer.Typer(help="Export cost and usage for other tools.", no_args_is_help=True)
+export_app.command("focus")(collector_cli.export_focus)
+app.add_typer(export_app, name="export")
 
 
 @app.callback()

@@ -194,6 +194,50 @@ def pricing(
         typer.echo(f"\nsources: {'; '.join(p.sources)}", err=True)
 
 
+def export_focus(
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write; '-' for standard output.")] = "-",
+    collector: Annotated[str, typer.Option(help="Collector HOST:PORT.")] = DEFAULT_COLLECTOR,
+    since: Annotated[str | None, typer.Option(help="Start: ISO 8601 or relative (30d). Default 7d.")] = None,
+    until: Annotated[str | None, typer.Option(help="End. Default now.")] = None,
+    granularity: Annotated[str, typer.Option(help="Charge period: hour or day (UTC).")] = "day",
+    fmt: Annotated[str, typer.Option("--format", help="csv, json or parquet.")] = "csv",
+    token_file: Annotated[str | None, typer.Option(help="File holding the read-only query token "
+                                                     "(or GPULEDGER_QUERY_TOKEN).")] = None,
+    ca_file: Annotated[str | None, typer.Option(help="CA certificate of a TLS collector.")] = None,
+) -> None:
+    """Export GPU cost and usage as FOCUS-aligned rows (FinOps Open Cost and Usage Specification).
+
+    One row per charge period, host, tag set and GPU state (active, idle_held, idle_free,
+    unmonitored; column x_GpuState), in GPU-hours, with the host's owner tags overlaid by the
+    process's tags in Tags. Costs are at the catalog or override price (see x_PriceSource):
+    gpuledger issues no invoice, so the four cost columns carry the same figure.
+
+    Examples:
+      gpuledger export focus --since 2026-11-01 --until 2026-12-01 -o gpu-2026-11.csv
+      gpuledger export focus --since 24h --granularity hour --format parquet -o today.parquet
+    """
+    if fmt not in ("csv", "json", "parquet"):
+        typer.echo("gpuledger export focus: --format must be csv, json or parquet", err=True)
+        raise typer.Exit(2)
+    if fmt == "parquet" and output == "-":
+        typer.echo("gpuledger export focus: parquet needs --output FILE", err=True)
+        raise typer.Exit(2)
+    table, _ = _report("focus", collector, since, until, granularity, {}, token_file, ca_file)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, output)
+        typer.echo(f"{table.num_rows} FOCUS rows written to {output}", err=True)
+        return
+    text = render(table.to_pylist(), fmt)
+    if output == "-":
+        typer.echo(text)
+    else:
+        with open(output, "w") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+        typer.echo(f"{table.num_rows} FOCUS rows written to {output}", err=True)
+
+
 @app.command("add-agent")
 def add_agent(
     host_id: Annotated[str, typer.Argument(help="The agent's host_id (agent.host_id in its config).")],

@@ -11,8 +11,10 @@ newest window of the whole fleet (or `until`). Windows inside that span that nev
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections import defaultdict
+from datetime import UTC, datetime
 
 import pyarrow as pa
 
@@ -50,8 +52,10 @@ def run(store: Store, pricing: Pricing, req: pb.ReportRequest, now_ms: int) -> p
         rows = idle_rows(store, pricing, since, until, req.by or "host", dict(req.filters))
     elif req.report == "cost":
         rows = cost_rows(store, pricing, since, until, req.by or "team", dict(req.filters))
+    elif req.report == "focus":
+        rows = focus_rows(store, pricing, since, until, req.by or "day")
     else:
-        raise ReportError(f"report: unknown report {req.report!r} (idle, cost)")
+        raise ReportError(f"report: unknown report {req.report!r} (idle, cost, focus)")
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     currencies = sorted({r["currency"] for r in rows if r.get("currency")})
     return pb.ReportReply(arrow=to_ipc(table), currency=",".join(currencies) or "USD",
@@ -260,16 +264,37 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
     if by != "host" and by != "process" and not TAG_KEY.match(by):
         raise ReportError(f"by: {by!r} is not a tag key")
     keys = list(TAG_ALIASES.get(by, (by,)))
-    hosts = _hosts(store)
-    shares = _shares(store)
-    bps = _breakpoints(pricing, since, until)
-    params = {"since": since, "until": until, "bps": bps, "keys": keys}
     if by == "process":
         label = "concat(toString(p.pid), ':', p.command)"
     elif by == "host":
         label = "pw.host_id"
     else:
         label = "arrayFirst(x -> x != '', arrayMap(k -> p.tags[k], {keys:Array(String)}))"
+
+    def owner(host_id: str, h: dict) -> str:
+        if by == "host":
+            return host_id
+        if by == "process":
+            return "(no process)"
+        return next((h["tags"][k] for k in keys if h["tags"].get(k)), "(unattributed)")
+
+    acc = allocate(store, pricing, since, until, label, {"keys": keys}, owner)
+    rows = [{by: lbl or "(untagged)", **tally.fields("allocation")} for lbl, tally in acc.items()]
+    rows.sort(key=lambda x: (-(x["cost"] or 0), str(x[by])))
+    return rows
+
+
+def allocate(store: Store, pricing: Pricing, since: int, until: int, label_sql: str, label_params: dict,
+             owner) -> dict[str, _Tally]:
+    """Split every GPU-millisecond of [since, until) among labels; returns {label: tally}.
+
+    `label_sql` labels a process window (an SQL expression over `pw` and its process `p`);
+    `owner(host_id, host facts)` labels what no process accounts for on a host.
+    """
+    hosts = _hosts(store)
+    shares = _shares(store)
+    bps = _breakpoints(pricing, since, until)
+    params = {"since": since, "until": until, "bps": bps, **label_params}
     db = store.db
     attributed = store.query_rows(
         f"""WITH pw AS (
@@ -279,7 +304,7 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
                 WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}
                 WINDOW w AS (PARTITION BY host_id, gpu_uuid, window_start_ms))
             SELECT pw.host_id, pw.gpu_uuid, arrayCount(x -> x <= pw.window_start_ms, {{bps:Array(Int64)}}) AS seg,
-                   {label} AS label,
+                   {label_sql} AS label,
                    sum(g.busy_ms * if(busy_total > 0, pw.busy_ms / busy_total, pw.held_ms / held_total)) AS active,
                    sum(g.idle_held_ms * pw.held_ms / held_total) AS held
             FROM pw
@@ -291,41 +316,115 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
                 ON p.host_id = pw.host_id AND p.pid = pw.pid AND p.start_ms = pw.proc_start_ms
             WHERE held_total > 0
             GROUP BY pw.host_id, pw.gpu_uuid, seg, label""", params)
-    acc: dict[str, dict] = {}
+    acc: dict[str, _Tally] = {}
     host_att: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
     blank = {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}}
     for host_id, uuid, seg, label, active, held in attributed:
         h = hosts.get(host_id, blank)
         price = _scaled(_seg_price(pricing, host_id, h, bps, int(seg), since), shares.get((host_id, uuid), 1.0))
-        _cost_add(acc, label or "(untagged)", "process", price, active, held, 0, 0)
+        _cost_add(acc, label, "process", price, active, held, 0, 0)
         host_att[(host_id, uuid, int(seg))][0] += active
         host_att[(host_id, uuid, int(seg))][1] += held
-    # the rest of every host's time goes to the host's owner tag
+    # the rest of every host's time goes to the host's owner
     seen: dict[tuple[str, str], int] = defaultdict(int)
     last_seg: dict[tuple[str, str], int] = {}
-    per_host_seg: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    per_gpu_seg: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     fleet_end = 0
     for host_id, uuid, seg, busy, held, free, unmon, win, last_end, _n in gpu_state_rows(store, since, until, bps):
         fleet_end = max(fleet_end, int(last_end))
-        v = per_host_seg[(host_id, uuid, int(seg))]
+        v = per_gpu_seg[(host_id, uuid, int(seg))]
         for i, x in enumerate((busy, held, free, unmon)):
             v[i] += int(x)
         seen[(host_id, uuid)] += int(win)
         last_seg[(host_id, uuid)] = max(last_seg.get((host_id, uuid), 0), int(seg))
     for (host_id, uuid), missing in _missing_ms(store, since, until, seen, fleet_end).items():
-        per_host_seg[(host_id, uuid, last_seg.get((host_id, uuid), len(bps)))][3] += missing
-    for (host_id, uuid, seg), (busy, held, free, unmon) in per_host_seg.items():
+        per_gpu_seg[(host_id, uuid, last_seg.get((host_id, uuid), len(bps)))][3] += missing
+    for (host_id, uuid, seg), (busy, held, free, unmon) in per_gpu_seg.items():
         h = hosts.get(host_id, blank)
         price = _scaled(_seg_price(pricing, host_id, h, bps, seg, since), shares.get((host_id, uuid), 1.0))
         att = host_att.get((host_id, uuid, seg), [0.0, 0.0])
-        owner = host_id if by == "host" else next((h["tags"][k] for k in keys if h["tags"].get(k)), "(unattributed)")
-        if by == "process":
-            owner = "(no process)"
-        _cost_add(acc, owner, "host", price, max(0.0, busy - att[0]), max(0.0, held - att[1]), free, unmon)
-    rows = [{by: label, **tally.fields("allocation")} for label, tally in acc.items()]
-    rows.sort(key=lambda x: (-(x["cost"] or 0), str(x[by])))
-    return rows
+        _cost_add(acc, owner(host_id, h), "host", price, max(0.0, busy - att[0]), max(0.0, held - att[1]), free,
+                  unmon)
+    return acc
 
 
 def _cost_add(acc, label, via, price, active, held, free, unmon) -> None:
     acc.setdefault(label, _Tally()).add(price, active, held, free, unmon, via)
+
+
+# ----------------------------------------------------------------------------- FOCUS export
+
+FOCUS_VERSION = "1.2"
+GRANULARITY_MS = {"hour": 3_600_000, "day": 86_400_000}
+STATES = ("active", "idle_held", "idle_free", "unmonitored")
+_SEP = "\x1f"
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _month_bounds(ms: int) -> tuple[int, int]:
+    d = datetime.fromtimestamp(ms / 1000, UTC)
+    start = datetime(d.year, d.month, 1, tzinfo=UTC)
+    end = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+
+
+def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granularity: str = "day") -> list[dict]:
+    """Cost and usage rows aligned with the FinOps FOCUS specification (version FOCUS_VERSION).
+
+    One row per charge period (hour or day, UTC), host, tag set and GPU state, allocated as in
+    `cost_rows`: Tags are the host's owner tags overlaid with the process's allowlisted tags.
+    gpuledger issues no invoice: BilledCost, EffectiveCost, ListCost and ContractedCost all carry
+    the cost at the catalog (or override) price, and x_PriceSource says which. Quantities are
+    GPU-hours; x_GpuState is active, idle_held, idle_free or unmonitored.
+    """
+    step = GRANULARITY_MS.get(granularity)
+    if step is None:
+        raise ReportError(f"granularity: {granularity!r} is not hour or day")
+    if (until - since) / step > 24 * 93:
+        raise ReportError(f"range: at most {24 * 93} charge periods in one export; narrow since/until")
+    hosts = _hosts(store)
+    label = "concat(pw.host_id, '\\x1f', toJSONString(mapSort(p.tags)))"
+    out = []
+    p0 = since // step * step
+    while p0 < until:
+        a, b = max(p0, since), min(p0 + step, until)
+        acc = allocate(store, pricing, a, b, label, {},
+                       lambda host_id, h: f"{host_id}{_SEP}{{}}")
+        bill_start, bill_end = _month_bounds(a)
+        for lbl, tally in sorted(acc.items()):
+            host_id, _, tags_json = lbl.partition(_SEP)
+            h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "tags": {}})
+            tags = {**h["tags"], **json.loads(tags_json or "{}")}
+            for i, state in enumerate(STATES):
+                ms = tally.ms[i]
+                if ms <= 0:
+                    continue
+                hours = ms / MS_PER_HOUR
+                cost = tally.cost[i] if tally.priced else None
+                out.append({
+                    "BilledCost": cost, "EffectiveCost": cost, "ListCost": cost, "ContractedCost": cost,
+                    "BillingCurrency": ",".join(sorted(tally.currency)) or None,
+                    "BillingPeriodStart": _iso(bill_start), "BillingPeriodEnd": _iso(bill_end),
+                    "ChargePeriodStart": _iso(a), "ChargePeriodEnd": _iso(b),
+                    "ChargeCategory": "Usage", "ChargeClass": None, "ChargeFrequency": "Usage-Based",
+                    "ChargeDescription": f"GPU time, {state.replace('_', '-')}, on {h['instance_type'] or 'unknown'}",
+                    "ConsumedQuantity": hours, "ConsumedUnit": "GPU-Hours",
+                    "PricingQuantity": hours, "PricingUnit": "GPU-Hours",
+                    "ListUnitPrice": (cost / hours) if cost is not None and hours else None,
+                    "ProviderName": h["provider"] or None, "PublisherName": h["provider"] or None,
+                    "InvoiceIssuerName": h["provider"] or None,
+                    "RegionId": h["region"] or None, "RegionName": h["region"] or None,
+                    "ResourceId": host_id, "ResourceName": host_id, "ResourceType": "GPU host",
+                    "ServiceCategory": "AI and Machine Learning", "ServiceName": "GPU compute",
+                    "SkuId": h["instance_type"] or None,
+                    "Tags": json.dumps(tags, sort_keys=True, ensure_ascii=False),
+                    "x_GpuState": state,
+                    "x_AllocationMethod": ",".join(sorted(tally.method)) or "unpriced",
+                    "x_PriceSource": "; ".join(dict.fromkeys(pricing.sources)),
+                    "x_FocusVersion": FOCUS_VERSION,
+                })
+        p0 += step
+    return out

@@ -51,7 +51,8 @@ def test_bad_time_and_unreachable_collector_are_clear_errors():
 
 
 def test_every_command_has_help_with_examples():
-    for cmd in (["collector", "serve"], ["agent", "run"], ["idle"], ["cost"], ["pricing"], ["demo"]):
+    for cmd in (["collector", "serve"], ["agent", "run"], ["agent", "replay"], ["agent", "probe"], ["idle"], ["cost"],
+                ["pricing"], ["demo"], ["export", "focus"], ["collector", "add-agent"], ["collector", "query-token"]):
         res = runner.invoke(app, [*cmd, "--help"])
         assert res.exit_code == 0 and "Examples" in res.output, cmd
 
