@@ -57,9 +57,10 @@ def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> d
     for v in items:
         b = v.batch
         host_id = b.host.host_id
-        gpu_parts.append(v.gpu.add_column(0, "host_id", pa.array([host_id] * v.gpu.num_rows, pa.string())))
+        gpu_parts.append(v.gpu.add_column(0, "host_id", pa.repeat(pa.scalar(host_id, pa.string()), v.gpu.num_rows)))
         if v.proc.num_rows:
-            proc_parts.append(v.proc.add_column(0, "host_id", pa.array([host_id] * v.proc.num_rows, pa.string())))
+            proc_parts.append(v.proc.add_column(0, "host_id", pa.repeat(pa.scalar(host_id, pa.string()),
+                                                                        v.proc.num_rows)))
         h = b.host
         facts = h.SerializeToString(deterministic=True)
         if known.get(("host", host_id)) != facts:

@@ -257,8 +257,13 @@ def _validate_proc(t: pa.Table, gpu: pa.Table, uuids: set, procs: set) -> None:
     if (start % win != 0).any():
         raise Invalid(f"{f}window_start_ms: not a multiple of window_ms at row {_first_bad(start % win != 0)}")
     # every process window must fall in one of the batch's GPU windows
-    gpu_keys = set(zip(gpu.column("gpu_uuid").to_pylist(), _col(gpu, "window_start_ms").tolist(), strict=True))
-    for r, key in enumerate(zip(t.column("gpu_uuid").to_pylist(), start.tolist(), strict=True)):
-        if key not in gpu_keys:
-            raise Invalid(f"{f}window_start_ms: {key[1]} for GPU {key[0]!r} at row {r} has no GPU window in "
-                          "this batch")
+    order = pa.array(sorted(uuids), pa.string())
+    gpu_key = pc.index_in(gpu.column("gpu_uuid"), value_set=order).to_numpy(zero_copy_only=False).astype(np.int64) \
+        * (1 << 42) + _col(gpu, "window_start_ms") // win
+    proc_key = pc.index_in(t.column("gpu_uuid"), value_set=order).to_numpy(zero_copy_only=False).astype(np.int64) \
+        * (1 << 42) + start // win
+    orphan = ~np.isin(proc_key, gpu_key)
+    if orphan.any():
+        r = _first_bad(orphan)
+        raise Invalid(f"{f}window_start_ms: {int(start[r])} for GPU {t.column('gpu_uuid')[r].as_py()!r} at row {r} "
+                      "has no GPU window in this batch")
