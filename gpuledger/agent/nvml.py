@@ -205,7 +205,8 @@ class NvmlSource:
         self._facts = [GpuFacts(uuid=d.uuid, index=d.index, name=d.name,
                                 mem_total_bytes=int(d.static.get("mem_total_bytes", 0)), util_method=d.util_method,
                                 mig=d.kind == "mig", parent_uuid=d.parent_uuid,
-                                share=mig_share(d.name) if d.kind == "mig" else 1.0) for d in self._devs]
+                                share=mig_share(d.name, int(d.static.get("mig_slices") or 7)) if d.kind == "mig"
+                                else 1.0) for d in self._devs]
 
     # ------------------------------------------------------------------ error sorting
     def _codes(self) -> None:
@@ -355,7 +356,8 @@ class NvmlSource:
                 dev.name = f"{parent.name} MIG"
             dev.gi_id = int(self._opt(dev, "gpu_instance_id", self._fn("nvmlDeviceGetGpuInstanceId"), mh) or 0)
             dev.static = dict(parent.static, mem_total_bytes=int(
-                self._opt(dev, "memory", nv.nvmlDeviceGetMemoryInfo, mh, attr="total") or 0), parent_uuid=parent.uuid)
+                self._opt(dev, "memory", nv.nvmlDeviceGetMemoryInfo, mh, attr="total") or 0), parent_uuid=parent.uuid,
+                mig_slices=slots)
             if parent.static["gpm_supported"]:
                 self._setup_gpm(dev)
             dev.util_method = "gpm" if dev.gpm else "none"

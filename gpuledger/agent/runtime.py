@@ -37,9 +37,11 @@ def host_facts(cfg: AgentConfig, gpus: list[GpuFacts], physical_gpus: int = 0) -
                         agent_version=__version__)
 
 
-def gpu_infos(gpus: list[GpuFacts]) -> list[pb.GpuInfo]:
+def gpu_infos(gpus: list[GpuFacts], first_windows: dict[str, int] | None = None) -> list[pb.GpuInfo]:
+    first_windows = first_windows or {}
     return [pb.GpuInfo(uuid=g.uuid, index=g.index, name=g.name, mem_total_bytes=g.mem_total_bytes,
-                       util_method=g.util_method, mig=g.mig, parent_uuid=g.parent_uuid, share=g.share)
+                       util_method=g.util_method, mig=g.mig, parent_uuid=g.parent_uuid, share=g.share,
+                       first_window_ms=first_windows.get(g.uuid, 0))
             for g in gpus]
 
 
@@ -60,12 +62,12 @@ def merge_closed(parts: list[Closed]) -> Closed:
 
 
 def encode_batch(agent_id: str, epoch: int, seq: int, host: pb.HostFacts, gpus: list[pb.GpuInfo],
-                 closed: Closed, dropped_windows: int, sent_ms: int, first_window_ms: int = 0) -> bytes:
+                 closed: Closed, dropped_windows: int, sent_ms: int) -> bytes:
     msg = pb.WindowBatch(agent_id=agent_id, agent_epoch=epoch, seq=seq, host=host, gpus=gpus,
                          processes=process_infos(closed.processes),
                          gpu_windows_arrow=to_ipc(closed.gpu.cast(GPU_WINDOW_SCHEMA)),
                          proc_windows_arrow=to_ipc(closed.proc.cast(PROC_WINDOW_SCHEMA)),
-                         dropped_windows=dropped_windows, sent_ms=sent_ms, first_window_ms=first_window_ms)
+                         dropped_windows=dropped_windows, sent_ms=sent_ms)
     return msg.SerializeToString()
 
 
@@ -77,9 +79,15 @@ class Agent:
         self.clock = clock
         self.spool = spool
         self.gpus = source.gpus()
+        if spool.closed_until_ms:
+            # A restart: windows up to closed_until were already closed (the last one perhaps only in
+            # part, by a graceful stop), and re-emitting one would replace what was measured. Time
+            # between then and now has no windows at all: reports count it as unmonitored.
+            w_us = int(round(cfg.window_s * 1e6))
+            now_window = clock.now_us() // w_us * w_us
+            start_us = max(spool.closed_until_ms * 1000, now_window if start_us is None else start_us)
         self.windower = Windower(self.gpus, cfg.window_s, cfg.lateness_s, start_us=start_us, kernels=cfg.kernels)
         self.host = host_facts(cfg, self.gpus, getattr(source, "physical_gpu_count", 0))
-        self.gpu_infos = gpu_infos(self.gpus)
         self.agent_id = cfg.host_id
         self._pending: list[Closed] = []
         self._last_flush_us = clock.now_us()
@@ -110,9 +118,10 @@ class Agent:
         closed = merge_closed(self._pending)
         self._pending = []
         seq = self.spool.next_seq
-        self.spool.note_first_window(closed.start_ms)
-        payload = encode_batch(self.agent_id, self.spool.epoch, seq, self.host, self.gpu_infos, closed,
-                               self.spool.dropped_windows, now_us // 1000, self.spool.first_window_ms)
+        self.spool.note_windows([g.uuid for g in self.gpus], closed.start_ms, closed.end_ms)
+        payload = encode_batch(self.agent_id, self.spool.epoch, seq, self.host,
+                               gpu_infos(self.gpus, self.spool.first_windows), closed, self.spool.dropped_windows,
+                               now_us // 1000)
         try:
             seq = self.spool.append(payload, closed.n_windows, seq=seq)
         except SpoolFull as e:

@@ -175,7 +175,11 @@ class Shipper:
                         cond.wait(0.05)
                     continue
                 for rec in recs:
-                    payload = self.spool.read(rec)
+                    try:
+                        payload = self.spool.read(rec)
+                    except FileNotFoundError:  # its segment was just dropped (spool full): gone
+                        sent_upto = rec.seq
+                        continue
                     with cond:
                         inflight.append((rec.seq, time.monotonic()))
                     sent_upto = rec.seq
@@ -191,10 +195,16 @@ class Shipper:
             try:
                 for ack in call:
                     with cond:
-                        while inflight and inflight[0][0] < ack.seq:
-                            inflight.popleft()  # acknowledged implicitly by a later seq
-                        if inflight and inflight[0][0] == ack.seq:
-                            inflight.popleft()
+                        head = inflight[0][0] if inflight else None
+                        if head is None or ack.seq != head:
+                            # acks come in order, one per batch: anything else is a protocol error.
+                            # Acknowledge nothing; reconnect and resend from the spool.
+                            self.stats.last_error = f"ack for seq {ack.seq}, expected {head}: {ack.message}"
+                            log.error("collector acknowledged seq %d while %s was outstanding (%s); "
+                                      "reconnecting", ack.seq, head, ack.message)
+                            call.cancel()
+                            break
+                        inflight.popleft()
                         cond.notify_all()
                     if ack.code == 0:
                         self.spool.ack(ack.seq)

@@ -23,11 +23,12 @@ class GpuFacts:
     util_method: str  # samples | rates | gpm | simulated | replay | none
     mig: bool = False
     parent_uuid: str = ""  # a MIG instance: the physical GPU it is carved from
-    share: float = 1.0  # the fraction of a physical GPU it is priced as (a MIG instance: its slices / 7)
+    share: float = 1.0  # the fraction of a physical GPU it is priced as (a MIG instance: its slices / the GPU's)
 
 
 def mig_share(name: str, max_slices: int = 7) -> float:
-    """Share of the physical GPU from a MIG profile name such as 'NVIDIA A100 MIG 3g.20gb' (3 of 7 slices)."""
+    """Share of the physical GPU from a MIG profile name such as 'NVIDIA A100 MIG 3g.20gb': its compute
+    slices over the GPU's (nvmlDeviceGetMaxMigDeviceCount: 7 on A100/H100, 4 on A30)."""
     import re
 
     m = re.search(r"(\d+)g\.\d+gb", name)

@@ -58,10 +58,12 @@ class Spool:
         self.next_seq = int(state.get("next_seq", 1))
         self.dropped_windows = int(state.get("dropped_windows", 0))
         self.dead_lettered = int(state.get("dead_lettered", 0))
-        self.first_window_ms = int(state.get("first_window_ms", 0))
+        # per GPU UUID: the earliest window ever closed, and the end of the newest one
+        self.first_windows: dict[str, int] = dict(state.get("first_windows", {}))
+        self.closed_until_ms = int(state.get("closed_until_ms", 0))
         self.epoch = int(state.get("epoch", 0)) + 1  # every open is a new agent epoch
         self.torn_bytes = 0
-        self._state_first = self.first_window_ms
+        self._state_dirty = False
         self._active: Path | None = None
         self._active_fh = None
         self._recover()
@@ -104,10 +106,16 @@ class Spool:
         self._gc()
 
     # ------------------------------------------------------------------ writing
-    def note_first_window(self, window_start_ms: int) -> None:
-        """Remember the earliest window ever closed here (persisted with the next state write)."""
-        if not self.first_window_ms or window_start_ms < self.first_window_ms:
-            self.first_window_ms = int(window_start_ms)
+    def note_windows(self, uuids, start_ms: int, end_ms: int) -> None:
+        """Remember, per GPU, the earliest window ever closed, and where closing reached (persisted
+        with the next append): a restarted agent starts after it instead of re-emitting a window."""
+        for u in uuids:
+            if u not in self.first_windows or start_ms < self.first_windows[u]:
+                self.first_windows[u] = int(start_ms)
+                self._state_dirty = True
+        if end_ms > self.closed_until_ms:
+            self.closed_until_ms = int(end_ms)
+            self._state_dirty = True
 
     def append(self, payload: bytes, n_windows: int, seq: int | None = None) -> int:
         """Durably append one encoded batch; returns its sequence number."""
@@ -134,7 +142,7 @@ class Spool:
                         raise SpoolFull(e.errno, "spool disk full and nothing left to drop") from e
             self._records.append(Record(seq, n_windows, seg, off + HEADER.size, len(payload)))
             self.next_seq = seq + 1
-            if self.first_window_ms and self._state_first != self.first_window_ms:
+            if self._state_dirty:
                 self._write_state()
             self._lock.notify_all()
             return seq
@@ -162,7 +170,7 @@ class Spool:
         self._active_fh = open(self._active, "ab")
         self._active_fh.seek(0, os.SEEK_END)
 
-    def _drop_oldest(self) -> bool:
+    def _drop_oldest(self, write_state: bool = True) -> bool:
         """Drop the oldest segment holding unacknowledged records (not the one being written)."""
         segs = [s for s in self._segments() if s != self._active]
         if not segs:
@@ -180,7 +188,8 @@ class Spool:
             log.error("spool over its limit: dropped %d batches (%d windows), seq %d..%d", len(lost),
                       sum(r.n_windows for r in lost), lost[0].seq, lost[-1].seq)
         victim.unlink(missing_ok=True)
-        self._write_state()
+        if write_state:
+            self._write_state()
         return True
 
     # ------------------------------------------------------------------ reading / acking
@@ -210,16 +219,21 @@ class Spool:
     def dead_letter(self, seq: int, reason: str) -> None:
         with self._lock:
             rec = next((r for r in self._records if r.seq == seq), None)
-            if rec is not None:
-                payload = self.read(rec)
-                with open(self.dir / "deadletter.log", "ab") as fh:
-                    meta = json.dumps({"seq": seq, "windows": rec.n_windows, "reason": reason}).encode()
-                    fh.write(struct.pack("<II", len(meta), len(payload)) + meta + payload)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                self.dead_lettered += 1
+            if rec is None:
+                log.error("collector rejected batch seq=%d, which is not in the spool: %s", seq, reason)
+                return
+            payload = self.read(rec)
+            with open(self.dir / "deadletter.log", "ab") as fh:
+                meta = json.dumps({"seq": seq, "windows": rec.n_windows, "reason": reason}).encode()
+                fh.write(struct.pack("<II", len(meta), len(payload)) + meta + payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.dead_lettered += 1
             log.error("collector rejected batch seq=%d permanently: %s (moved to deadletter.log)", seq, reason)
-        self.ack(seq)
+            self._records = [r for r in self._records if r.seq != seq]
+            self._write_state()
+            self._gc()
+            self._lock.notify_all()
 
     def _gc(self) -> None:
         live = {r.segment for r in self._records}
@@ -228,11 +242,22 @@ class Spool:
                 seg.unlink(missing_ok=True)
 
     def _write_state(self) -> None:
-        self._state_first = self.first_window_ms
+        """Replace state.json atomically; on a full disk, make room by dropping the oldest windows."""
+        while True:
+            try:
+                self._write_state_once()
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._drop_oldest(write_state=False):
+                    raise
+
+    def _write_state_once(self) -> None:
+        self._state_dirty = False
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"acked_seq": self.acked_seq, "next_seq": self.next_seq,
                                    "dropped_windows": self.dropped_windows, "dead_lettered": self.dead_lettered,
-                                   "epoch": self.epoch, "first_window_ms": self.first_window_ms}))
+                                   "epoch": self.epoch, "first_windows": self.first_windows,
+                                   "closed_until_ms": self.closed_until_ms}))
         os.replace(tmp, self._state_path)
 
     # ------------------------------------------------------------------ stats

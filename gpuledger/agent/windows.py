@@ -274,9 +274,22 @@ class Windower:
         )
         seen = {(k[1], k[2]) for k in keys}
         processes = [self._identities[s] for s in sorted(seen)]
-        if self._proc.parts == []:
-            # no process reading reaches into open windows: forget keys to bound memory
-            self._proc_keys.clear()
-            self._proc_key_list.clear()
-            self._identities.clear()
+        self._compact_proc_keys()
         return table, processes
+
+    def _compact_proc_keys(self) -> None:
+        """Keep only the process keys that readings reaching into open windows still use, renumbered,
+        so that memory and fold sizes follow the live processes, not every process ever seen."""
+        kept = self._proc.parts[0] if self._proc.parts else None
+        live = np.unique(kept[0]) if kept is not None else np.zeros(0, np.int32)
+        if live.size == len(self._proc_key_list):
+            return
+        old = self._proc_key_list
+        self._proc_key_list = [old[k] for k in live.tolist()]
+        self._proc_keys = {pk: i for i, pk in enumerate(self._proc_key_list)}
+        ids = {(pk[1], pk[2]) for pk in self._proc_key_list}
+        self._identities = {k: v for k, v in self._identities.items() if k in ids}
+        if kept is not None:
+            remap = np.full(len(old), -1, np.int32)
+            remap[live] = np.arange(live.size, dtype=np.int32)
+            self._proc.parts = [(remap[kept[0]],) + tuple(kept[1:])]

@@ -104,23 +104,87 @@ def gpu_state_rows(store: Store, since: int, until: int, bps: list[int], host_fi
     return store.query_rows(
         f"""SELECT host_id, gpu_uuid, arrayCount(x -> x <= window_start_ms, {{bps:Array(Int64)}}) AS seg,
                    sum(busy_ms), sum(idle_held_ms), sum(idle_free_ms), sum(unmonitored_ms), sum(window_ms),
-                   max(window_start_ms + window_ms), countIf(sample_count > 0)
+                   max(window_start_ms + window_ms), max(window_ms)
             FROM {store.db}.gpu_windows FINAL WHERE {where}
             GROUP BY host_id, gpu_uuid, seg""", params)
 
 
-def _missing_ms(store: Store, since: int, until: int, seen: dict, fleet_end: int) -> dict[tuple[str, str], int]:
-    """Per GPU: expected time in range (from its first window, or since, to the end of the
-    fleet's newest window in range) minus the time its windows cover."""
-    end = min(until, int(fleet_end or since))
-    out = {}
-    for host_id, uuid, first in store.query_rows(
-            f"SELECT host_id, uuid, min(first_window_ms) FROM {store.db}.gpus GROUP BY host_id, uuid"):
-        start = max(since, int(first))
-        if start >= end:
+RETIRE_AFTER_MS = 7 * 86_400_000  # a host silent this long before a report's start is retired, not down
+DEFAULT_WINDOW_MS = 10_000
+
+
+@dataclasses.dataclass
+class _Coverage:
+    """What one GPU's stored windows cover in a report's range."""
+
+    seen: dict = dataclasses.field(default_factory=lambda: defaultdict(int))  # price segment -> window ms
+    last_end: int = 0
+    window_ms: int = DEFAULT_WINDOW_MS
+
+
+def _ceil(t: int, w: int) -> int:
+    return -(-t // w) * w
+
+
+def _missing_ms(store: Store, since: int, until: int, bps: list[int], cover: dict, fleet_end: int,
+                host_filter: str = "") -> dict[tuple[str, str, int], int]:
+    """Per (host, GPU, price segment): time the GPU should have been watched minus what its windows
+    cover. That is unmonitored time, never idle.
+
+    A GPU is expected from its first window (as the agent reports it, so windows lost before the
+    first stored one count) or the range's first whole window, until:
+    - the end of the fleet's newest window in range, if it reported as late as its host did (its
+      host went silent: agent down, host unreachable);
+    - its own last window, if its host kept reporting without it (replaced, MIG reshaped);
+    - never, if its host sent nothing in range and nothing for RETIRE_AFTER_MS before (retired).
+    Windows are selected by start in [since, until), so the range is taken in whole windows.
+    """
+    host_last: dict[str, int] = {}
+    for (host_id, _), c in cover.items():
+        host_last[host_id] = max(host_last.get(host_id, 0), c.last_end)
+    gpus = store.query_rows(f"SELECT host_id, uuid, min(first_window_ms) FROM {store.db}.gpus GROUP BY host_id, uuid")
+    silent = sorted({h for h, _, _ in gpus if h not in host_last and (not host_filter or h == host_filter)})
+    recent = set()
+    if silent:
+        recent = {r[0] for r in store.query_rows(
+            f"SELECT host_id FROM {store.db}.gpu_windows WHERE host_id IN {{hosts:Array(String)}} "
+            "AND window_start_ms >= {horizon:Int64} AND window_start_ms < {since:Int64} GROUP BY host_id",
+            {"hosts": silent, "horizon": since - RETIRE_AFTER_MS, "since": since})}
+    out: dict[tuple[str, str, int], int] = {}
+    for host_id, uuid, first in gpus:
+        if host_filter and host_id != host_filter:
             continue
-        out[(host_id, uuid)] = max(0, end - start - seen.get((host_id, uuid), 0))
+        c = cover.get((host_id, uuid))
+        w = c.window_ms if c else DEFAULT_WINDOW_MS
+        start = max(int(first), _ceil(since, w))
+        if c is not None:
+            end = fleet_end if c.last_end >= host_last[host_id] else c.last_end
+        elif host_id in host_last or host_id not in recent:
+            continue
+        else:
+            end = fleet_end
+        end = min(end, _ceil(until, w))
+        if end <= start:
+            continue
+        edges = [start] + [b for b in bps if start < b < end] + [end]
+        for a, b in zip(edges, edges[1:], strict=False):
+            seg = sum(1 for x in bps if x <= a)
+            missing = (b - a) - (c.seen.get(seg, 0) if c else 0)
+            if missing > 0:
+                out[(host_id, uuid, seg)] = missing
     return out
+
+
+def _coverage(rows) -> tuple[dict, int]:
+    cover: dict[tuple[str, str], _Coverage] = {}
+    fleet_end = 0
+    for host_id, uuid, seg, _b, _h, _f, _u, win, last_end, win_ms in rows:
+        c = cover.setdefault((host_id, uuid), _Coverage())
+        c.seen[int(seg)] += int(win)
+        c.last_end = max(c.last_end, int(last_end))
+        c.window_ms = int(win_ms) or DEFAULT_WINDOW_MS
+        fleet_end = max(fleet_end, int(last_end))
+    return cover, fleet_end
 
 
 def _fleet_end(store: Store, since: int, until: int) -> int:
@@ -145,35 +209,22 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
     shares = _shares(store)
     bps = _breakpoints(pricing, since, until)
     acc: dict[tuple, dict] = {}
-    seen: dict[tuple[str, str], int] = defaultdict(int)
-    last_seg: dict[tuple[str, str], int] = {}
     host_filter = filters.get("host", "")
-    fleet_end = 0
-    for host_id, uuid, seg, busy, held, free, unmon, win, last_end, _n in gpu_state_rows(store, since, until, bps,
-                                                                                       host_filter):
-        fleet_end = max(fleet_end, int(last_end))
-        h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}})
-        price = _scaled(_seg_price(pricing, host_id, h, bps, seg, since), shares.get((host_id, uuid), 1.0))
+    blank = {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}}
+    rows = gpu_state_rows(store, since, until, bps, host_filter)
+    cover, fleet_end = _coverage(rows)
+    if host_filter:  # the fleet's end, not just this host's
+        fleet_end = max(fleet_end, _fleet_end(store, since, until))
+    missing = _missing_ms(store, since, until, bps, cover, fleet_end, host_filter)
+    parts = [(host_id, uuid, seg, busy, held, free, unmon) for host_id, uuid, seg, busy, held, free, unmon, *_ in rows]
+    parts += [(host_id, uuid, seg, 0, 0, 0, ms) for (host_id, uuid, seg), ms in missing.items()]
+    for host_id, uuid, seg, busy, held, free, unmon in parts:
+        h = hosts.get(host_id, blank)
+        price = _scaled(_seg_price(pricing, host_id, h, bps, int(seg), since), shares.get((host_id, uuid), 1.0))
         key = (host_id,) if by == "host" else (host_id, uuid)
         row = acc.setdefault(key, _new_row(host_id, h, uuid if by == "gpu" else None))
         row["_gpus"].add(uuid)
         _add_ms(row, busy, held, free, unmon, price)
-        seen[(host_id, uuid)] += int(win)
-        last_seg[(host_id, uuid)] = max(last_seg.get((host_id, uuid), 0), int(seg))
-    if host_filter:  # the fleet's end, not just this host's
-        fleet_end = max(fleet_end, _fleet_end(store, since, until))
-    for (host_id, uuid), missing in _missing_ms(store, since, until, seen, fleet_end).items():
-        if host_filter and host_id != host_filter:
-            continue
-        if missing <= 0:
-            continue
-        h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "gpu_count": 0, "tags": {}})
-        price = _scaled(_seg_price(pricing, host_id, h, bps, last_seg.get((host_id, uuid), len(bps)), since),
-                        shares.get((host_id, uuid), 1.0))
-        key = (host_id,) if by == "host" else (host_id, uuid)
-        row = acc.setdefault(key, _new_row(host_id, h, uuid if by == "gpu" else None))
-        row["_gpus"].add(uuid)
-        _add_ms(row, 0, 0, 0, missing, price)
     dropped = _dropped(store)
     out = []
     for row in acc.values():
@@ -326,19 +377,15 @@ def allocate(store: Store, pricing: Pricing, since: int, until: int, label_sql: 
         host_att[(host_id, uuid, int(seg))][0] += active
         host_att[(host_id, uuid, int(seg))][1] += held
     # the rest of every host's time goes to the host's owner
-    seen: dict[tuple[str, str], int] = defaultdict(int)
-    last_seg: dict[tuple[str, str], int] = {}
+    rows = gpu_state_rows(store, since, until, bps)
+    cover, fleet_end = _coverage(rows)
     per_gpu_seg: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    fleet_end = 0
-    for host_id, uuid, seg, busy, held, free, unmon, win, last_end, _n in gpu_state_rows(store, since, until, bps):
-        fleet_end = max(fleet_end, int(last_end))
+    for host_id, uuid, seg, busy, held, free, unmon, *_ in rows:
         v = per_gpu_seg[(host_id, uuid, int(seg))]
         for i, x in enumerate((busy, held, free, unmon)):
             v[i] += int(x)
-        seen[(host_id, uuid)] += int(win)
-        last_seg[(host_id, uuid)] = max(last_seg.get((host_id, uuid), 0), int(seg))
-    for (host_id, uuid), missing in _missing_ms(store, since, until, seen, fleet_end).items():
-        per_gpu_seg[(host_id, uuid, last_seg.get((host_id, uuid), len(bps)))][3] += missing
+    for key, ms in _missing_ms(store, since, until, bps, cover, fleet_end).items():
+        per_gpu_seg[key][3] += ms
     for (host_id, uuid, seg), (busy, held, free, unmon) in per_gpu_seg.items():
         h = hosts.get(host_id, blank)
         price = _scaled(_seg_price(pricing, host_id, h, bps, seg, since), shares.get((host_id, uuid), 1.0))

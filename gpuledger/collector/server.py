@@ -67,16 +67,19 @@ def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> d
             known[("host", host_id)] = facts
             hosts.append((host_id, h.hostname, h.provider, h.region, h.instance_type, h.gpu_count,
                           list(h.tags.items()), h.agent_version, now_ms))
-        starts = v.gpu.column("window_start_ms")
-        first = pa.compute.min(starts).as_py()
-        if 0 < b.first_window_ms < first:  # time before the first stored window: dropped or lost
-            first = b.first_window_ms
-        last = pa.compute.max(pa.compute.add(starts, pa.compute.cast(v.gpu.column("window_ms"), pa.int64()))).as_py()
+        firsts = v.gpu.group_by("gpu_uuid").aggregate([("window_start_ms", "min")])
+        first_of = dict(zip(firsts.column("gpu_uuid").to_pylist(), firsts.column("window_start_ms_min").to_pylist(),
+                            strict=True))
         for g in b.gpus:
+            if g.uuid not in first_of:
+                continue  # declared but no window in this batch
+            first = first_of[g.uuid]
+            if 0 < g.first_window_ms < first:  # time before the first stored window: dropped or lost
+                first = g.first_window_ms
             prev = known.get(("gpu", host_id, g.uuid))
             if prev is None or first < prev:
                 known[("gpu", host_id, g.uuid)] = first
-                gpus.append((host_id, g.uuid, g.index, g.name, g.mem_total_bytes, g.util_method, g.mig, first, last,
+                gpus.append((host_id, g.uuid, g.index, g.name, g.mem_total_bytes, g.util_method, g.mig, first,
                              g.parent_uuid, g.share or 1.0))
         for p in b.processes:
             procs.append((host_id, p.pid, p.start_ms, p.command, p.container_id, p.pod_uid, list(p.tags.items()),
@@ -96,9 +99,9 @@ def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> d
                                "agent_version", "updated_ms"],
                        [pa.string()] * 5 + [pa.uint32(), tags_t, pa.string(), pa.int64()]),
         "gpus": table(gpus, ["host_id", "uuid", "gpu_index", "name", "mem_total_bytes", "util_method", "mig",
-                             "first_window_ms", "last_window_end_ms", "parent_uuid", "share"],
+                             "first_window_ms", "parent_uuid", "share"],
                       [pa.string(), pa.string(), pa.uint32(), pa.string(), pa.uint64(), pa.string(), pa.bool_(),
-                       pa.int64(), pa.int64(), pa.string(), pa.float32()]),
+                       pa.int64(), pa.string(), pa.float32()]),
         "processes": table(procs, ["host_id", "pid", "start_ms", "command", "container_id", "pod_uid", "tags",
                                    "last_seen_ms"],
                            [pa.string(), pa.uint32(), pa.int64(), pa.string(), pa.string(), pa.string(), tags_t,
@@ -132,6 +135,7 @@ class Writer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpuledger-writer", daemon=True)
         self.commits = 0
+        self._closing = False
         self._known: dict = {}
         self.rows_committed = 0
         self.store_errors = 0
@@ -148,7 +152,7 @@ class Writer:
         """Queue a validated batch; None when over the backpressure limit."""
         rows = item.gpu.num_rows + item.proc.num_rows
         with self._lock:
-            if self._pending_rows and self._pending_rows + rows > self.max_pending_rows:
+            if self._closing or (self._pending_rows and self._pending_rows + rows > self.max_pending_rows):
                 return None
             self._pending_rows += rows
         fut: futures.Future = futures.Future()
@@ -250,11 +254,20 @@ class Writer:
                 fut.set_exception(err)
 
     def close(self) -> None:
-        """Finish every queued insert, then stop; safe to call twice."""
+        """Take no more batches, finish every queued insert, then stop; safe to call twice."""
+        with self._lock:
+            self._closing = True
         if self._thread.is_alive():
             self._q.put(None)
             self._thread.join(timeout=60)
         self._stop.set()
+        while True:  # anything left (the writer gave up): answer it, so no stream waits forever
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and not item[2].done():
+                item[2].set_exception(StoreError("collector shutting down", retryable=True))
 
 
 class Ingest:
@@ -272,13 +285,15 @@ class Ingest:
         done: futures.Future = futures.Future()
         seq = 0
         try:
-            if len(raw) > self.max_batch_bytes:
-                raise TooLarge(f"batch: {len(raw)} bytes, at most {self.max_batch_bytes}")
+            # parse first (gRPC already bounds the message size), so that every answer names the
+            # batch's seq and the agent can set exactly that batch aside
             try:
                 batch = pb.WindowBatch.FromString(raw)
             except DecodeError as e:
                 raise Invalid(f"batch: not a gpuledger.v1.WindowBatch ({e})") from e
             seq = batch.seq
+            if len(raw) > self.max_batch_bytes:
+                raise TooLarge(f"batch: {len(raw)} bytes, at most {self.max_batch_bytes}")
             if self.auth is not None:
                 self.auth.check_batch(principal, batch)
             try:
@@ -298,15 +313,18 @@ class Ingest:
             done.set_result(pb.Ack(seq=seq, code=RESOURCE_EXHAUSTED, message=str(e), retryable=False))
             return done
         except PermissionError as e:
+            # a configuration mistake (host_id renamed, wrong token file), not bad data: the agent
+            # keeps the batch spooled and retries until an operator fixes the credentials
             self.stats.reject("permission")
+            log.warning("refused batch seq=%d: %s", seq, e)
             done.set_result(pb.Ack(seq=seq, code=grpc.StatusCode.PERMISSION_DENIED.value[0], message=str(e),
-                                   retryable=False))
+                                   retryable=True))
             return done
         fut = self.writer.submit(valid)
         if fut is None:
             self.stats.deferred += 1
             done.set_result(pb.Ack(seq=seq, code=RESOURCE_EXHAUSTED, retryable=True,
-                                   message="collector busy: insert queue full, retry later"))
+                                   message="collector busy (insert queue full) or shutting down: retry later"))
             return done
 
         def finish(f: futures.Future) -> None:

@@ -78,7 +78,7 @@ TABLES = {
     "gpus": ("""
         host_id LowCardinality(String), uuid String, gpu_index UInt32, name LowCardinality(String),
         mem_total_bytes UInt64, util_method LowCardinality(String), mig Bool,
-        first_window_ms Int64, last_window_end_ms Int64, parent_uuid String, share Float32
+        first_window_ms Int64, parent_uuid String, share Float32
     """, "MergeTree", "(host_id, uuid)", "", False),
     "agent_batches": ("""
         agent_id LowCardinality(String), host_id LowCardinality(String), agent_epoch UInt64, seq UInt64,

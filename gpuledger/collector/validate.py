@@ -118,8 +118,6 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
     _check_str(batch.agent_id, "agent_id", MAX_ID, required=True)
     if batch.seq == 0:
         raise Invalid("seq: must be >= 1")
-    if batch.first_window_ms < 0 or batch.first_window_ms > now_ms + limits.max_future_ms:
-        raise Invalid(f"first_window_ms: {batch.first_window_ms} is negative or in the future")
     h = batch.host
     _check_str(h.host_id, "host.host_id", MAX_ID, required=True)
     for name in ("hostname", "provider", "region", "instance_type", "agent_version"):
@@ -134,6 +132,8 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
         _check_str(g.uuid, f"gpus[{i}].uuid", MAX_ID, required=True)
         _check_str(g.name, f"gpus[{i}].name")
         _check_str(g.util_method, f"gpus[{i}].util_method", 32)
+        if g.first_window_ms < 0 or (limits.retention_ms and 0 < g.first_window_ms < now_ms - limits.retention_ms):
+            raise Invalid(f"gpus[{i}].first_window_ms: {g.first_window_ms} is negative or older than retention")
         if not (0.0 <= g.share <= 1.0):
             raise Invalid(f"gpus[{i}].share: {g.share} is not between 0 and 1")
         if g.uuid in uuids:
@@ -156,6 +156,13 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
     if gpu.num_rows == 0:
         raise Invalid("gpu_windows: no rows")
     _validate_gpu(gpu, uuids, now_ms, limits)
+    firsts = gpu.group_by("gpu_uuid").aggregate([("window_start_ms", "min")])
+    earliest = dict(zip(firsts.column("gpu_uuid").to_pylist(), firsts.column("window_start_ms_min").to_pylist(),
+                        strict=True))
+    for i, g in enumerate(batch.gpus):
+        if g.first_window_ms and g.uuid in earliest and g.first_window_ms > earliest[g.uuid]:
+            raise Invalid(f"gpus[{i}].first_window_ms: {g.first_window_ms} is after this GPU's window "
+                          f"{earliest[g.uuid]} in the same batch")
     if proc.num_rows:
         _validate_proc(proc, gpu, uuids, procs)
     return Valid(batch, gpu, proc)

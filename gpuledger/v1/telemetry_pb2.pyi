@@ -34,7 +34,7 @@ class HostFacts(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., hostname: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., instance_type: _Optional[str] = ..., gpu_count: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class GpuInfo(_message.Message):
-    __slots__ = ("uuid", "index", "name", "mem_total_bytes", "util_method", "mig", "parent_uuid", "share")
+    __slots__ = ("uuid", "index", "name", "mem_total_bytes", "util_method", "mig", "parent_uuid", "share", "first_window_ms")
     UUID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class GpuInfo(_message.Message):
     MIG_FIELD_NUMBER: _ClassVar[int]
     PARENT_UUID_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     index: int
     name: str
@@ -51,7 +52,8 @@ class GpuInfo(_message.Message):
     mig: bool
     parent_uuid: str
     share: float
-    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., util_method: _Optional[str] = ..., mig: _Optional[bool] = ..., parent_uuid: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
+    first_window_ms: int
+    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., util_method: _Optional[str] = ..., mig: _Optional[bool] = ..., parent_uuid: _Optional[str] = ..., share: _Optional[float] = ..., first_window_ms: _Optional[int] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
     __slots__ = ("pid", "start_ms", "command", "container_id", "pod_uid", "tags")
@@ -77,7 +79,7 @@ class ProcessInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., start_ms: _Optional[int] = ..., command: _Optional[str] = ..., container_id: _Optional[str] = ..., pod_uid: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WindowBatch(_message.Message):
-    __slots__ = ("agent_id", "agent_epoch", "seq", "host", "gpus", "processes", "gpu_windows_arrow", "proc_windows_arrow", "dropped_windows", "sent_ms", "first_window_ms")
+    __slots__ = ("agent_id", "agent_epoch", "seq", "host", "gpus", "processes", "gpu_windows_arrow", "proc_windows_arrow", "dropped_windows", "sent_ms")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -88,7 +90,6 @@ class WindowBatch(_message.Message):
     PROC_WINDOWS_ARROW_FIELD_NUMBER: _ClassVar[int]
     DROPPED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     SENT_MS_FIELD_NUMBER: _ClassVar[int]
-    FIRST_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     agent_epoch: int
     seq: int
@@ -99,8 +100,7 @@ class WindowBatch(_message.Message):
     proc_windows_arrow: bytes
     dropped_windows: int
     sent_ms: int
-    first_window_ms: int
-    def __init__(self, agent_id: _Optional[str] = ..., agent_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., host: _Optional[_Union[HostFacts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., gpu_windows_arrow: _Optional[bytes] = ..., proc_windows_arrow: _Optional[bytes] = ..., dropped_windows: _Optional[int] = ..., sent_ms: _Optional[int] = ..., first_window_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, agent_id: _Optional[str] = ..., agent_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., host: _Optional[_Union[HostFacts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., gpu_windows_arrow: _Optional[bytes] = ..., proc_windows_arrow: _Optional[bytes] = ..., dropped_windows: _Optional[int] = ..., sent_ms: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "code", "message", "stored_windows", "retryable")

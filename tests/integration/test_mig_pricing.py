@@ -34,3 +34,8 @@ def test_report_prices_a_mig_instance_by_its_share(collector):
     b.seq = 2
     ack = send_batches(collector.address, [b.SerializeToString()])[0]
     assert ack.code == 3 and "gpus[0].share: 1.5 is not between 0 and 1" in ack.message
+
+
+def test_a30_slices_are_quarters():
+    assert mig_share("NVIDIA A30 MIG 1g.6gb", 4) == pytest.approx(0.25)
+    assert mig_share("NVIDIA A30 MIG 2g.12gb", 4) == pytest.approx(0.5)
