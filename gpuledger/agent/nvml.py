@@ -116,7 +116,7 @@ class _Dev:
     uuid: str
     index: int  # display only
     handle: object
-    kind: str  # gpu | mig
+    kind: str  # gpu | mig | mig-free (the unallocated slices of a MIG GPU)
     util_method: str
     name: str = ""
     parent: object = None  # MIG: the parent GPU's handle
@@ -204,9 +204,8 @@ class NvmlSource:
             raise
         self._facts = [GpuFacts(uuid=d.uuid, index=d.index, name=d.name,
                                 mem_total_bytes=int(d.static.get("mem_total_bytes", 0)), util_method=d.util_method,
-                                mig=d.kind == "mig", parent_uuid=d.parent_uuid,
-                                share=mig_share(d.name, int(d.static.get("mig_slices") or 7)) if d.kind == "mig"
-                                else 1.0) for d in self._devs]
+                                mig=d.kind in ("mig", "mig-free"), parent_uuid=d.parent_uuid,
+                                share=_share(d)) for d in self._devs]
 
     # ------------------------------------------------------------------ error sorting
     def _codes(self) -> None:
@@ -364,8 +363,19 @@ class NvmlSource:
             dev.fields_single = ["memory"]  # energy, power and temperature belong to the parent GPU
             dev.proc_util = False  # per-process utilization is not available inside MIG instances
             out.append(dev)
-        if not out:
-            log.warning("GPU %s: MIG is enabled but has no instances; nothing to monitor on it", parent.uuid)
+        used = sum(round(mig_share(d.name, slots) * slots) for d in out) if slots else 0
+        if slots and used < slots:
+            # Slices no instance holds are paid for and idle: a device of their own, always
+            # idle-free, priced at its share. Its uuid names the configuration, so a reshaped GPU
+            # starts a new device instead of repricing history.
+            free = slots - used
+            out.append(_Dev(pos=pos + len(out), uuid=f"{parent.uuid}-unallocated-{free}of{slots}", index=parent.index,
+                            handle=None, kind="mig-free", util_method="none", name=f"{parent.name} (unallocated MIG "
+                            f"slices {free}/{slots})", parent=parent.handle, parent_uuid=parent.uuid,
+                            static=dict(parent.static, mem_total_bytes=0, parent_uuid=parent.uuid, mig_slices=slots,
+                                        free_slices=free)))
+            if not used:
+                log.warning("GPU %s: MIG is enabled but has no instances: all of it is reported idle", parent.uuid)
         return out
 
     def _opt(self, dev: _Dev, what: str, fn, *args, attr: str | None = None):
@@ -521,6 +531,12 @@ class NvmlSource:
 
     # ------------------------------------------------------------------ one device, one poll
     def _poll_dev(self, dev: _Dev, now_us: int, rows: _Rows) -> None:
+        if dev.kind == "mig-free":  # unallocated MIG slices: nothing can run there
+            if dev.frontier_us is not None:
+                self._emit_unheld(dev, dev.frontier_us, now_us, _Held(False, False, now_us), rows.util)
+            dev.frontier_us = now_us
+            dev.last_poll_us = now_us
+            return
         priming = dev.frontier_us is None
         prev_poll = dev.last_poll_us
         gauge = self._gauges(dev, now_us)
@@ -912,6 +928,16 @@ def _procs(rows) -> ProcReadings:
     g, r, a, b, p, m = zip(*rows, strict=True)
     return ProcReadings(np.asarray(g, np.int32), np.asarray(r, np.int32), np.asarray(a, np.int64),
                         np.asarray(b, np.int64), np.asarray(p, np.float32), np.asarray(m, np.float64))
+
+
+def _share(d: _Dev) -> float:
+    """The fraction of its physical GPU a device is priced as."""
+    slots = int(d.static.get("mig_slices") or 7)
+    if d.kind == "mig":
+        return mig_share(d.name, slots)
+    if d.kind == "mig-free":
+        return int(d.static.get("free_slices", 0)) / slots
+    return 1.0
 
 
 def open_nvml_source(cfg, nvml=None, proc_root: str | None = None) -> NvmlSource:

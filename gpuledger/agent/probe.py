@@ -85,6 +85,9 @@ def _gpu_entry(d: dict, down: bool) -> dict:
         util["note"] = _MIG_GPM
     elif d["kind"] == "mig":
         util["note"] = _MIG_NONE
+    elif d["kind"] == "mig-free":
+        util["note"] = "unallocated MIG slices: no instance, so nothing can run; reported idle-free, priced at " \
+                       "their share of the GPU"
     else:
         util["note"] = "NVML gives no utilization for this GPU: its time is unmonitored"
     energy = "energy" not in absent and ("energy" in d["fields_batched"] or "energy" in d["fields_single"])

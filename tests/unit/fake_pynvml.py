@@ -492,7 +492,9 @@ class FakeNvml:
         h = self._h(h, "nvmlDeviceGetMigMode")
         if h.gpu.arch < NVML_DEVICE_ARCH_AMPERE:
             raise _err(NVML_ERROR_NOT_SUPPORTED)
-        mode = NVML_DEVICE_MIG_ENABLE if h.gpu.mig else NVML_DEVICE_MIG_DISABLE
+        # MIG mode is on when instances exist, or when set explicitly (a MIG GPU with none yet)
+        on = h.gpu.mig or getattr(h.gpu, "mig_mode", False)
+        mode = NVML_DEVICE_MIG_ENABLE if on else NVML_DEVICE_MIG_DISABLE
         return [mode, mode]
 
     def nvmlDeviceGetMaxMigDeviceCount(self, h: _Handle) -> int:

@@ -308,8 +308,9 @@ def test_h100_mig_instance_utilization_from_gpm():
     clock = SimClock(T0)
     fake = fk.FakeNvml([gpu], clock=clock)
     src = source(fake)
-    (facts,) = src.gpus()
-    assert facts.mig and facts.util_method == "gpm"
+    facts, free = src.gpus()  # the 3g instance, and the 4 of 7 slices no instance holds
+    assert facts.mig and facts.util_method == "gpm" and facts.share == pytest.approx(3 / 7)
+    assert free.mig and free.share == pytest.approx(4 / 7) and free.uuid == f"{gpu.uuid}-unallocated-4of7"
     gpu.mig[0].load = 40
     gpu.mig[0].processes = [fk.FakeProcess(4242)]
     readings = [src.poll(T0)]
@@ -317,11 +318,30 @@ def test_h100_mig_instance_utilization_from_gpm():
         clock.advance(1.0)
         readings.append(src.poll(clock.now_us()))
     u = cat(readings, "util")
-    assert u["pct"].tolist() == pytest.approx([40.0] * 20) and set(u["held"].tolist()) == {1}
-    win = windows(src, readings, T0, T0 + 20_000_000)[facts.uuid]
+    inst = u["gpu"] == 0
+    assert u["pct"][inst].tolist() == pytest.approx([40.0] * 20) and set(u["held"][inst].tolist()) == {1}
+    wins = windows(src, readings, T0, T0 + 20_000_000)
+    win = wins[facts.uuid]
     assert (win["busy_ms"], win["idle_held_ms"], win["unmonitored_ms"]) == (8000, 12000, 0)
+    # the unallocated slices are idle-free all the time after the first poll: paid for, unusable
+    assert (wins[free.uuid]["idle_free_ms"], wins[free.uuid]["unmonitored_ms"]) == (20_000, 0)
     m = cat(readings, "gpm")
     assert m["sm_active_pct"].tolist() == pytest.approx([36.0] * 20)
+
+
+def test_mig_gpu_without_instances_is_all_idle_free():
+    gpu = fk.a100_mig(0)
+    gpu.mig, gpu.mig_mode = [], True  # MIG enabled, no instance created yet
+    clock = SimClock(T0)
+    src = source(fk.FakeNvml([gpu], clock=clock))
+    (free,) = src.gpus()
+    assert free.share == 1.0 and free.uuid.endswith("-unallocated-7of7")
+    readings = [src.poll(T0)]
+    for _ in range(10):
+        clock.advance(1.0)
+        readings.append(src.poll(clock.now_us()))
+    win = windows(src, readings, T0, T0 + 10_000_000)[free.uuid]
+    assert (win["idle_free_ms"], win["busy_ms"], win["idle_held_ms"], win["unmonitored_ms"]) == (10_000, 0, 0, 0)
 
 
 # ----------------------------------------------------------------------------- errors
