@@ -67,9 +67,7 @@ def _tables_for(items: list[Valid], now_ms: int, known: dict | None = None) -> d
             known[("host", host_id)] = facts
             hosts.append((host_id, h.hostname, h.provider, h.region, h.instance_type, h.gpu_count,
                           list(h.tags.items()), h.agent_version, now_ms))
-        firsts = v.gpu.group_by("gpu_uuid").aggregate([("window_start_ms", "min")])
-        first_of = dict(zip(firsts.column("gpu_uuid").to_pylist(), firsts.column("window_start_ms_min").to_pylist(),
-                            strict=True))
+        first_of = v.first_window_ms
         for g in b.gpus:
             if g.uuid not in first_of:
                 continue  # declared but no window in this batch

@@ -45,6 +45,7 @@ class Valid:
     batch: pb.WindowBatch
     gpu: pa.Table
     proc: pa.Table
+    first_window_ms: dict  # per GPU UUID: its earliest window in this batch
 
 
 def _check_str(value: str, field: str, limit: int = MAX_STR, required: bool = False) -> None:
@@ -165,7 +166,7 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
                           f"{earliest[g.uuid]} in the same batch")
     if proc.num_rows:
         _validate_proc(proc, gpu, uuids, procs)
-    return Valid(batch, gpu, proc)
+    return Valid(batch, gpu, proc, earliest)
 
 
 def _col(t: pa.Table, name: str) -> np.ndarray:
