@@ -166,3 +166,30 @@ def test_cost_allocation_still_adds_up(store):
     total_idle = sum(r["cost"] for r in idle_rows(store, p, BASE, BASE + 300_000, "host", {}))
     total_cost = sum(r["cost"] for r in cost_rows(store, p, BASE, BASE + 300_000, "team", {}))
     assert total_cost == pytest.approx(total_idle)
+
+
+def test_the_writer_refuses_work_once_closing_and_answers_everything_queued(store):
+    writer = Writer(store, WallClock(), 10**6, 0.01, 10**7)
+    writer.start()
+    v = validate(batch("closing-h", [A], util(0, BASE, BASE + 60_000, 50), BASE, BASE + 60_000, 1), NOW_MS)
+    fut = writer.submit(v)
+    writer.close()
+    assert fut.done() and fut.exception() is None  # queued before close: committed
+    assert writer.submit(v) is None  # after close: refused, so the agent keeps it spooled and retries
+
+
+def test_a_segment_dropped_under_the_shipper_does_not_break_the_stream(collector, tmp_path):
+    spool = Spool(tmp_path / "spool", fsync=False, segment_bytes=4096)  # one batch per segment
+    for seq in (1, 2, 3):
+        b = batch("vanish-h", [A], util(0, BASE + seq * 60_000, BASE + (seq + 1) * 60_000, 50),
+                  BASE + seq * 60_000, BASE + (seq + 1) * 60_000, seq)
+        spool.append(b.SerializeToString(), 6, seq=seq)
+    segments = {r.segment for r in spool.pending()}
+    assert len(segments) == 3
+    spool.pending()[0].segment.unlink()  # gone under the shipper, as when a full disk drops it
+    sh = Shipper(collector.address, spool, ack_timeout_s=5).start()
+    assert sh.drain(20), sh.stats
+    sh.close()
+    assert sh.stats.acked == 2 and sh.stats.reconnects == 0  # the stream went on past the missing batch
+    seqs = [r[0] for r in collector.store.query_rows("SELECT seq FROM gpuledger.agent_batches ORDER BY seq")]
+    assert seqs == [2, 3]
