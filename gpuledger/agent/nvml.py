@@ -521,6 +521,8 @@ class NvmlSource:
             dev.next_retry_us += self.retry_us
             return False
         dev.down = False
+        if dev.kind == "mig-free":
+            dev.frontier_us = None  # nothing is known about the outage: start afresh at the next poll
         dev.cursor = 0
         dev.proc_cursor = 0
         dev.offset_us = None
@@ -532,6 +534,8 @@ class NvmlSource:
     # ------------------------------------------------------------------ one device, one poll
     def _poll_dev(self, dev: _Dev, now_us: int, rows: _Rows) -> None:
         if dev.kind == "mig-free":  # unallocated MIG slices: nothing can run there
+            # ...as long as the GPU itself answers: a lost GPU's time is unmonitored, not idle
+            self._call(dev, "parent_memory", self.nv.nvmlDeviceGetMemoryInfo, dev.parent)
             if dev.frontier_us is not None:
                 self._emit_unheld(dev, dev.frontier_us, now_us, _Held(False, False, now_us), rows.util)
             dev.frontier_us = now_us

@@ -79,13 +79,19 @@ class Agent:
         self.clock = clock
         self.spool = spool
         self.gpus = source.gpus()
-        if spool.closed_until_ms:
-            # A restart: windows up to closed_until were already closed (the last one perhaps only in
-            # part, by a graceful stop), and re-emitting one would replace what was measured. Time
-            # between then and now has no windows at all: reports count it as unmonitored.
+        if spool.closed_until_ms and start_us is None:
+            # A live agent's restart: windows up to closed_until were already closed (the last one
+            # perhaps only in part, by a graceful stop), and re-emitting one would replace what was
+            # measured. Time between then and now has no windows: reports count it as unmonitored.
+            # A closed_until in the future (the clock was ahead when it was written) is ignored.
             w_us = int(round(cfg.window_s * 1e6))
-            now_window = clock.now_us() // w_us * w_us
-            start_us = max(spool.closed_until_ms * 1000, now_window if start_us is None else start_us)
+            now_us = clock.now_us()
+            closed_us = -(-spool.closed_until_ms * 1000 // w_us) * w_us
+            if closed_us > now_us + w_us:
+                log.warning("spool says windows were closed up to %d ms, after the clock's now: ignored",
+                            spool.closed_until_ms)
+            else:
+                start_us = max(closed_us, now_us // w_us * w_us)
         self.windower = Windower(self.gpus, cfg.window_s, cfg.lateness_s, start_us=start_us, kernels=cfg.kernels)
         self.host = host_facts(cfg, self.gpus, getattr(source, "physical_gpu_count", 0))
         self.agent_id = cfg.host_id

@@ -143,6 +143,10 @@ class Shipper:
                 if code != grpc.StatusCode.CANCELLED or not self._stop.is_set():
                     self.stats.last_error = f"{code}: {e.details() if hasattr(e, 'details') else e}"
                     log.warning("stream to %s ended: %s", self.target, self.stats.last_error)
+            except Exception as e:  # a local fault (disk, spool): the shipper thread must outlive it
+                progressed = False
+                self.stats.last_error = f"{type(e).__name__}: {e}"
+                log.exception("shipping failed; retrying after a backoff")
             if self._stop.is_set():
                 break
             if progressed:

@@ -217,6 +217,7 @@ class Spool:
             self._lock.notify_all()
 
     def dead_letter(self, seq: int, reason: str) -> None:
+        """Move one batch the collector refused for good to deadletter.log; it is never sent again."""
         with self._lock:
             rec = next((r for r in self._records if r.seq == seq), None)
             if rec is None:
@@ -231,6 +232,8 @@ class Spool:
             self.dead_lettered += 1
             log.error("collector rejected batch seq=%d permanently: %s (moved to deadletter.log)", seq, reason)
             self._records = [r for r in self._records if r.seq != seq]
+            if not self._records or self._records[0].seq > seq:
+                self.acked_seq = max(self.acked_seq, seq)  # done with: not reloaded after a restart
             self._write_state()
             self._gc()
             self._lock.notify_all()
@@ -242,14 +245,21 @@ class Spool:
                 seg.unlink(missing_ok=True)
 
     def _write_state(self) -> None:
-        """Replace state.json atomically; on a full disk, make room by dropping the oldest windows."""
-        while True:
+        """Replace state.json atomically. On a full disk, drop the oldest windows once (their space is
+        ours to reclaim) and try again; if the disk is still full (other files fill it), keep the
+        state in memory, marked dirty, and write it at the next chance: never raise to the caller."""
+        for attempt in range(2):
             try:
                 self._write_state_once()
                 return
             except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._drop_oldest(write_state=False):
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
+                if attempt == 0 and len(self._segments()) > 1 and self._drop_oldest(write_state=False):
+                    continue
+                self._state_dirty = True
+                log.error("spool state not written (%s); kept in memory, retried on the next change", e)
+                return
 
     def _write_state_once(self) -> None:
         self._state_dirty = False

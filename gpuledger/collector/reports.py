@@ -144,12 +144,18 @@ def _missing_ms(store: Store, since: int, until: int, bps: list[int], cover: dic
         host_last[host_id] = max(host_last.get(host_id, 0), c.last_end)
     gpus = store.query_rows(f"SELECT host_id, uuid, min(first_window_ms) FROM {store.db}.gpus GROUP BY host_id, uuid")
     silent = sorted({h for h, _, _ in gpus if h not in host_last and (not host_filter or h == host_filter)})
-    recent = set()
+    recent: set[tuple[str, str]] = set()  # GPUs of silent hosts that were there when the host went quiet
     if silent:
-        recent = {r[0] for r in store.query_rows(
-            f"SELECT host_id FROM {store.db}.gpu_windows WHERE host_id IN {{hosts:Array(String)}} "
-            "AND window_start_ms >= {horizon:Int64} AND window_start_ms < {since:Int64} GROUP BY host_id",
-            {"hosts": silent, "horizon": since - RETIRE_AFTER_MS, "since": since})}
+        last: dict[str, list] = defaultdict(list)
+        for h, u, end in store.query_rows(
+                f"SELECT host_id, gpu_uuid, max(window_start_ms + window_ms) FROM {store.db}.gpu_windows "
+                "WHERE host_id IN {hosts:Array(String)} AND window_start_ms >= {horizon:Int64} "
+                "AND window_start_ms < {since:Int64} GROUP BY host_id, gpu_uuid",
+                {"hosts": silent, "horizon": since - RETIRE_AFTER_MS, "since": since}):
+            last[h].append((int(end), u))
+        for h, ends in last.items():
+            newest = max(e for e, _ in ends)
+            recent.update((h, u) for e, u in ends if e == newest)
     out: dict[tuple[str, str, int], int] = {}
     for host_id, uuid, first in gpus:
         if host_filter and host_id != host_filter:
@@ -159,14 +165,16 @@ def _missing_ms(store: Store, since: int, until: int, bps: list[int], cover: dic
         start = max(int(first), _ceil(since, w))
         if c is not None:
             end = fleet_end if c.last_end >= host_last[host_id] else c.last_end
-        elif host_id in host_last or host_id not in recent:
+        elif host_id in host_last or (host_id, uuid) not in recent:
             continue
         else:
             end = fleet_end
         end = min(end, _ceil(until, w))
         if end <= start:
             continue
-        edges = [start] + [b for b in bps if start < b < end] + [end]
+        # a window is counted in the price period it starts in: split expected time where windows do
+        inner = sorted({_ceil(b, w) for b in bps} - {start, end})
+        edges = [start] + [b for b in inner if start < b < end] + [end]
         for a, b in zip(edges, edges[1:], strict=False):
             seg = sum(1 for x in bps if x <= a)
             missing = (b - a) - (c.seen.get(seg, 0) if c else 0)
@@ -336,15 +344,26 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
 
 
 def allocate(store: Store, pricing: Pricing, since: int, until: int, label_sql: str, label_params: dict,
-             owner) -> dict[str, _Tally]:
-    """Split every GPU-millisecond of [since, until) among labels; returns {label: tally}.
+             owner, split_at: list[int] | None = None) -> dict:
+    """Split every GPU-millisecond of [since, until) among labels; returns {label: tally}, or with
+    `split_at` (period boundaries) {(label, period index): tally}.
 
     `label_sql` labels a process window (an SQL expression over `pw` and its process `p`);
-    `owner(host_id, host facts)` labels what no process accounts for on a host.
+    `owner(host_id, host facts)` labels what no process accounts for on a host. Coverage (who
+    reported until when) is taken over the whole range, then split, so a period in which nobody
+    reported still carries its unmonitored time.
     """
     hosts = _hosts(store)
     shares = _shares(store)
-    bps = _breakpoints(pricing, since, until)
+    splits = sorted({x for x in (split_at or ()) if since < x < until})
+    bps = sorted(set(_breakpoints(pricing, since, until)) | set(splits))
+
+    def slot(label, seg: int):
+        if split_at is None:
+            return label
+        seg_start = bps[seg - 1] if seg > 0 else since
+        return (label, sum(1 for x in splits if x <= seg_start))
+
     params = {"since": since, "until": until, "bps": bps, **label_params}
     db = store.db
     attributed = store.query_rows(
@@ -373,7 +392,7 @@ def allocate(store: Store, pricing: Pricing, since: int, until: int, label_sql: 
     for host_id, uuid, seg, label, active, held in attributed:
         h = hosts.get(host_id, blank)
         price = _scaled(_seg_price(pricing, host_id, h, bps, int(seg), since), shares.get((host_id, uuid), 1.0))
-        _cost_add(acc, label, "process", price, active, held, 0, 0)
+        _cost_add(acc, slot(label, int(seg)), "process", price, active, held, 0, 0)
         host_att[(host_id, uuid, int(seg))][0] += active
         host_att[(host_id, uuid, int(seg))][1] += held
     # the rest of every host's time goes to the host's owner
@@ -390,8 +409,8 @@ def allocate(store: Store, pricing: Pricing, since: int, until: int, label_sql: 
         h = hosts.get(host_id, blank)
         price = _scaled(_seg_price(pricing, host_id, h, bps, seg, since), shares.get((host_id, uuid), 1.0))
         att = host_att.get((host_id, uuid, seg), [0.0, 0.0])
-        _cost_add(acc, owner(host_id, h), "host", price, max(0.0, busy - att[0]), max(0.0, held - att[1]), free,
-                  unmon)
+        _cost_add(acc, slot(owner(host_id, h), seg), "host", price, max(0.0, busy - att[0]),
+                  max(0.0, held - att[1]), free, unmon)
     return acc
 
 
@@ -434,44 +453,44 @@ def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granulari
         raise ReportError(f"range: at most {24 * 93} charge periods in one export; narrow since/until")
     hosts = _hosts(store)
     label = "concat(pw.host_id, '\\x1f', toJSONString(mapSort(p.tags)))"
+    first = since // step * step
+    bounds = list(range(first, until, step)) + [until]
+    bounds[0] = since
+    acc = allocate(store, pricing, since, until, label, {}, lambda host_id, h: f"{host_id}{_SEP}{{}}",
+                   split_at=bounds[1:-1])
     out = []
-    p0 = since // step * step
-    while p0 < until:
-        a, b = max(p0, since), min(p0 + step, until)
-        acc = allocate(store, pricing, a, b, label, {},
-                       lambda host_id, h: f"{host_id}{_SEP}{{}}")
+    for (lbl, period), tally in sorted(acc.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        a, b = bounds[period], bounds[period + 1]
         bill_start, bill_end = _month_bounds(a)
-        for lbl, tally in sorted(acc.items()):
-            host_id, _, tags_json = lbl.partition(_SEP)
-            h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "tags": {}})
-            tags = {**h["tags"], **json.loads(tags_json or "{}")}
-            for i, state in enumerate(STATES):
-                ms = tally.ms[i]
-                if ms <= 0:
-                    continue
-                hours = ms / MS_PER_HOUR
-                cost = tally.cost[i] if tally.priced else None
-                out.append({
-                    "BilledCost": cost, "EffectiveCost": cost, "ListCost": cost, "ContractedCost": cost,
-                    "BillingCurrency": ",".join(sorted(tally.currency)) or None,
-                    "BillingPeriodStart": _iso(bill_start), "BillingPeriodEnd": _iso(bill_end),
-                    "ChargePeriodStart": _iso(a), "ChargePeriodEnd": _iso(b),
-                    "ChargeCategory": "Usage", "ChargeClass": None, "ChargeFrequency": "Usage-Based",
-                    "ChargeDescription": f"GPU time, {state.replace('_', '-')}, on {h['instance_type'] or 'unknown'}",
-                    "ConsumedQuantity": hours, "ConsumedUnit": "GPU-Hours",
-                    "PricingQuantity": hours, "PricingUnit": "GPU-Hours",
-                    "ListUnitPrice": (cost / hours) if cost is not None and hours else None,
-                    "ProviderName": h["provider"] or None, "PublisherName": h["provider"] or None,
-                    "InvoiceIssuerName": h["provider"] or None,
-                    "RegionId": h["region"] or None, "RegionName": h["region"] or None,
-                    "ResourceId": host_id, "ResourceName": host_id, "ResourceType": "GPU host",
-                    "ServiceCategory": "AI and Machine Learning", "ServiceName": "GPU compute",
-                    "SkuId": h["instance_type"] or None,
-                    "Tags": json.dumps(tags, sort_keys=True, ensure_ascii=False),
-                    "x_GpuState": state,
-                    "x_AllocationMethod": ",".join(sorted(tally.method)) or "unpriced",
-                    "x_PriceSource": "; ".join(dict.fromkeys(pricing.sources)),
-                    "x_FocusVersion": FOCUS_VERSION,
-                })
-        p0 += step
+        host_id, _, tags_json = lbl.partition(_SEP)
+        h = hosts.get(host_id, {"provider": "", "region": "", "instance_type": "", "tags": {}})
+        tags = {**h["tags"], **json.loads(tags_json or "{}")}
+        for i, state in enumerate(STATES):
+            ms = tally.ms[i]
+            if ms <= 0:
+                continue
+            hours = ms / MS_PER_HOUR
+            cost = tally.cost[i] if tally.priced else None
+            out.append({
+                "BilledCost": cost, "EffectiveCost": cost, "ListCost": cost, "ContractedCost": cost,
+                "BillingCurrency": ",".join(sorted(tally.currency)) or None,
+                "BillingPeriodStart": _iso(bill_start), "BillingPeriodEnd": _iso(bill_end),
+                "ChargePeriodStart": _iso(a), "ChargePeriodEnd": _iso(b),
+                "ChargeCategory": "Usage", "ChargeClass": None, "ChargeFrequency": "Usage-Based",
+                "ChargeDescription": f"GPU time, {state.replace('_', '-')}, on {h['instance_type'] or 'unknown'}",
+                "ConsumedQuantity": hours, "ConsumedUnit": "GPU-Hours",
+                "PricingQuantity": hours, "PricingUnit": "GPU-Hours",
+                "ListUnitPrice": (cost / hours) if cost is not None and hours else None,
+                "ProviderName": h["provider"] or None, "PublisherName": h["provider"] or None,
+                "InvoiceIssuerName": h["provider"] or None,
+                "RegionId": h["region"] or None, "RegionName": h["region"] or None,
+                "ResourceId": host_id, "ResourceName": host_id, "ResourceType": "GPU host",
+                "ServiceCategory": "AI and Machine Learning", "ServiceName": "GPU compute",
+                "SkuId": h["instance_type"] or None,
+                "Tags": json.dumps(tags, sort_keys=True, ensure_ascii=False),
+                "x_GpuState": state,
+                "x_AllocationMethod": ",".join(sorted(tally.method)) or "unpriced",
+                "x_PriceSource": "; ".join(dict.fromkeys(pricing.sources)),
+                "x_FocusVersion": FOCUS_VERSION,
+            })
     return out

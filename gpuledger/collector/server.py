@@ -153,8 +153,8 @@ class Writer:
             if self._closing or (self._pending_rows and self._pending_rows + rows > self.max_pending_rows):
                 return None
             self._pending_rows += rows
-        fut: futures.Future = futures.Future()
-        self._q.put((item, rows, fut))
+            fut: futures.Future = futures.Future()
+            self._q.put((item, rows, fut))  # under the lock: close() cannot slip in between
         return fut
 
     def _run(self) -> None:

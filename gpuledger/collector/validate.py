@@ -133,8 +133,8 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
         _check_str(g.uuid, f"gpus[{i}].uuid", MAX_ID, required=True)
         _check_str(g.name, f"gpus[{i}].name")
         _check_str(g.util_method, f"gpus[{i}].util_method", 32)
-        if g.first_window_ms < 0 or (limits.retention_ms and 0 < g.first_window_ms < now_ms - limits.retention_ms):
-            raise Invalid(f"gpus[{i}].first_window_ms: {g.first_window_ms} is negative or older than retention")
+        if g.first_window_ms < 0:  # an old one is fine: reports start at the later of it and `since`
+            raise Invalid(f"gpus[{i}].first_window_ms: {g.first_window_ms} is negative")
         if not (0.0 <= g.share <= 1.0):
             raise Invalid(f"gpus[{i}].share: {g.share} is not between 0 and 1")
         if g.uuid in uuids:

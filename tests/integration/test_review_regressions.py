@@ -6,6 +6,7 @@ then stored through the collector's writer into chDB, and read back through the 
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 
@@ -193,3 +194,117 @@ def test_a_segment_dropped_under_the_shipper_does_not_break_the_stream(collector
     assert sh.stats.acked == 2 and sh.stats.reconnects == 0  # the stream went on past the missing batch
     seqs = [r[0] for r in collector.store.query_rows("SELECT seq FROM gpuledger.agent_batches ORDER BY seq")]
     assert seqs == [2, 3]
+
+
+# ----------------------------------------------------------------------------- second review
+
+
+C = GpuFacts("GPU-C", 0, "A10G", 1, "samples")
+
+
+def test_a_silent_host_counts_only_the_gpus_it_last_had(store):
+    ingest(store, [batch("h1", [A], util(0, BASE, BASE + 100_000, 100), BASE, BASE + 100_000, 1, {"GPU-A": BASE}),
+                   batch("h1", [B], util(0, BASE + 100_000, BASE + 200_000, 100), BASE + 100_000, BASE + 200_000,
+                         2, {"GPU-B": BASE + 100_000}),
+                   batch("h2", [C], util(0, BASE, BASE + 600_000, 100), BASE, BASE + 600_000, 1, {"GPU-C": BASE})])
+    for f in ({}, {"host": "h1"}):
+        rows = [r for r in idle_rows(store, Pricing.default(), BASE + 300_000, BASE + 600_000, "gpu", f)
+                if r["host"] == "h1"]
+        assert {r["gpu_uuid"]: round(_secs(r, "unmonitored_hours")) for r in rows} == {"GPU-B": 300}
+
+
+def test_a_price_change_between_window_edges_invents_no_unmonitored_time(store):
+    ingest(store, [batch("h2", [C], util(0, BASE, BASE + 600_000, 100), BASE, BASE + 600_000, 1, {"GPU-C": BASE})])
+    p = Pricing()
+    p.set_gpu_price("host", "h2", 1.0)
+    p.set_gpu_price("host", "h2", 2.0, effective_from=datetime.fromtimestamp((BASE + 305_000) / 1000, UTC))
+    r = idle_rows(store, p, BASE, BASE + 600_000, "host", {})[0]
+    assert r["unmonitored_hours"] == 0 and _secs(r, "gpu_hours") == pytest.approx(600)
+    assert r["cost"] == pytest.approx(310 / 3600 * 1.0 + 290 / 3600 * 2.0)  # the window at 300 s is priced whole
+
+
+def test_focus_export_keeps_outages_and_adds_up_to_the_idle_report(store):
+    from gpuledger.collector.reports import focus_rows
+
+    hour = 3_600_000
+    t0 = (NOW_MS - 5 * hour) // hour * hour
+    ingest(store, [batch("solo", [A], util(0, t0, t0 + 600_000, 50), t0, t0 + 600_000, 1, {"GPU-A": t0}),
+                   batch("solo", [A], util(0, t0 + 2 * hour, t0 + 2 * hour + 600_000, 50), t0 + 2 * hour,
+                         t0 + 2 * hour + 600_000, 2, {"GPU-A": t0})])
+    p = Pricing.default()
+    idle = idle_rows(store, p, t0, t0 + 3 * hour, "host", {})[0]
+    rows = focus_rows(store, p, t0, t0 + 3 * hour, "hour")
+    assert sum(r["ConsumedQuantity"] for r in rows) == pytest.approx(idle["gpu_hours"])
+    assert sum(r["BilledCost"] for r in rows) == pytest.approx(idle["cost"])
+    hour1 = [r for r in rows if r["ChargePeriodStart"] == _iso_ms(t0 + hour)]
+    assert [r["x_GpuState"] for r in hour1] == ["unmonitored"]  # nobody reported: still there, unmonitored
+    assert hour1[0]["ConsumedQuantity"] == pytest.approx(1.0)
+
+
+def _iso_ms(ms):
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_an_old_first_window_is_not_a_reason_to_reject(store):
+    from gpuledger.collector.validate import Limits
+
+    b = batch("old-agent", [A], util(0, BASE, BASE + 60_000, 50), BASE, BASE + 60_000, 1,
+              {"GPU-A": NOW_MS - 400 * 86_400_000})
+    assert validate(b, NOW_MS, Limits(retention_ms=30 * 86_400_000)).gpu.num_rows == 6
+
+
+def test_an_explicit_start_ignores_where_an_earlier_run_stopped(tmp_path):
+    # replay of an older log into a spool that already holds a newer one
+    cfg = AgentConfig(host_id="replayer")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.note_windows(["GPU-A"], BASE, BASE + 600_000)
+    older = BASE * 1000 - 86_400_000_000
+    agent = Agent(cfg, SimulatedSource("replayer", "T4", [SimGpu("training")], older), SimClock(older), spool,
+                  start_us=older)
+    assert agent.windower.closed_until_us == older
+    # and a live agent never trusts a closed_until in its future (a clock that was ahead)
+    spool.note_windows(["GPU-A"], BASE, NOW_MS + 86_400_000)
+    live = Agent(cfg, SimulatedSource("replayer", "T4", [SimGpu("training")], BASE * 1000), WallClock(), spool)
+    assert live.windower.closed_until_us is None  # it starts from its first readings, as a fresh agent
+
+
+def test_a_dead_letter_stays_dead_after_a_restart(tmp_path):
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.append(b"bad", 1)
+    spool.append(b"good", 1)
+    spool.dead_letter(1, "invalid")
+    spool.close()
+    again = Spool(tmp_path / "spool", fsync=False)
+    assert [r.seq for r in again.pending()] == [2] and again.dead_lettered == 1
+
+
+def test_a_full_disk_of_other_files_loses_at_most_one_segment_and_never_raises(tmp_path):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root and mount permission)")
+    spool = None
+    try:
+        spool = Spool(disk / "spool", fsync=False, segment_bytes=4096)
+        for _ in range(40):
+            spool.append(b"x" * 1000, 6)
+        segments, records = len(spool._segments()), spool.pending_count()
+        fd = os.open(disk / "other-program.log", os.O_WRONLY | os.O_CREAT)  # another program fills the disk
+        try:
+            while os.write(fd, b"\0" * 512):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        spool.ack(1)  # the shipper's call: must not raise, and must not empty the spool
+        assert len(spool._segments()) >= segments - 1
+        assert spool.pending_count() >= records - 1 - 4  # the acked batch, at most one segment dropped
+    finally:
+        (disk / "other-program.log").unlink(missing_ok=True)
+        if spool is not None:
+            spool.close()
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -344,6 +344,21 @@ def test_mig_gpu_without_instances_is_all_idle_free():
     assert (win["idle_free_ms"], win["busy_ms"], win["idle_held_ms"], win["unmonitored_ms"]) == (10_000, 0, 0, 0)
 
 
+def test_unallocated_mig_slices_are_unmonitored_while_the_gpu_is_lost():
+    gpu = fk.h100_mig(0)
+    clock = SimClock(T0)
+    src = source(fk.FakeNvml([gpu], clock=clock), retry_s=1000.0)
+    inst, free = src.gpus()
+    readings = [src.poll(T0)]
+    for i in range(20):
+        clock.advance(1.0)
+        if i == 9:
+            gpu.lost = True  # off the bus after 10 s
+        readings.append(src.poll(clock.now_us()))
+    win = windows(src, readings, T0, T0 + 20_000_000)[free.uuid]
+    assert (win["idle_free_ms"], win["unmonitored_ms"]) == (9_000, 11_000)  # not idle while nobody can tell
+
+
 # ----------------------------------------------------------------------------- errors
 
 
