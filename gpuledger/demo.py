@@ -39,10 +39,7 @@ class FleetRun:
         for s in self.sources:
             t = Truth()
             for g in s.truth:
-                t.active_s += g.active_s
-                t.idle_held_s += g.idle_held_s
-                t.idle_free_s += g.idle_free_s
-                t.unmonitored_s += g.unmonitored_s
+                t.add(g)
             out[s.host_id] = t
         return out
 

@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from gpuledger.agent.source import GaugeReadings, GpuFacts, Readings, UtilReadings
+from gpuledger.agent.source import GaugeReadings, GpuFacts, Readings, StateSeconds, UtilReadings
 
 log = logging.getLogger(__name__)
 
@@ -197,20 +197,6 @@ def parse_log(path: str | Path, tz: str = "UTC") -> ParsedLog:
             if total == total:
                 g.mem_total_mib = total
     return ParsedLog(list(gpus.values()), lines, skipped, nskipped, has_memory)
-
-
-@dataclass
-class StateSeconds:
-    active_s: float = 0.0
-    idle_held_s: float = 0.0
-    idle_free_s: float = 0.0
-    unmonitored_s: float = 0.0
-
-    def add(self, other: StateSeconds) -> None:
-        self.active_s += other.active_s
-        self.idle_held_s += other.idle_held_s
-        self.idle_free_s += other.idle_free_s
-        self.unmonitored_s += other.unmonitored_s
 
 
 class ReplaySource:

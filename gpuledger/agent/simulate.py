@@ -27,6 +27,7 @@ from gpuledger.agent.source import (
     ProcessIdentity,
     ProcReadings,
     Readings,
+    StateSeconds,
     UtilReadings,
 )
 
@@ -46,15 +47,7 @@ GPU_MODELS = {
 PROFILES = ("training", "notebook", "inference", "idle")
 
 
-@dataclass
-class Truth:
-    active_s: float = 0.0
-    idle_held_s: float = 0.0
-    idle_free_s: float = 0.0
-    unmonitored_s: float = 0.0
-
-    def total_s(self) -> float:
-        return self.active_s + self.idle_held_s + self.idle_free_s + self.unmonitored_s
+Truth = StateSeconds  # the simulator's ground truth per GPU
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,25 @@ class ProcessIdentity:
     tags: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass
+class StateSeconds:
+    """Seconds in each GPU state: a source's own ground truth (simulator, replayed log)."""
+
+    active_s: float = 0.0
+    idle_held_s: float = 0.0
+    idle_free_s: float = 0.0
+    unmonitored_s: float = 0.0
+
+    def add(self, other: StateSeconds) -> None:
+        self.active_s += other.active_s
+        self.idle_held_s += other.idle_held_s
+        self.idle_free_s += other.idle_free_s
+        self.unmonitored_s += other.unmonitored_s
+
+    def total_s(self) -> float:
+        return self.active_s + self.idle_held_s + self.idle_free_s + self.unmonitored_s
+
+
 def _i32(a=()):
     return np.asarray(a, np.int32)
 
