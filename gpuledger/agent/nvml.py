@@ -42,8 +42,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
 
-import numpy as np
-
 from gpuledger.agent.attribution import ProcAttributor
 from gpuledger.agent.source import (
     GaugeReadings,
@@ -53,6 +51,7 @@ from gpuledger.agent.source import (
     ProcReadings,
     Readings,
     UtilReadings,
+    from_rows,
     mig_share,
 )
 
@@ -481,7 +480,8 @@ class NvmlSource:
                     ref = proc_ref[key] = len(processes)
                     processes.append(ident)
                 procs.append((dev.pos, ref, t0, t1, pct, mem))
-        return Readings(util=_util(util), gauges=_gauges(gauge), gpm=_gpm(gpm), procs=_procs(procs),
+        return Readings(util=from_rows(UtilReadings, util), gauges=from_rows(GaugeReadings, gauge),
+                        gpm=from_rows(GpmReadings, gpm), procs=from_rows(ProcReadings, procs),
                         processes=processes, unhealthy=tuple(unhealthy))
 
     def close(self) -> None:
@@ -901,37 +901,12 @@ def _field_value(fv) -> float:
     return float(getattr(fv.value, _VALUE_ATTR.get(int(fv.valueType), "ullVal")))
 
 
-def _util(rows) -> UtilReadings:
-    if not rows:
-        return UtilReadings()
-    g, a, b, p, h = zip(*rows, strict=True)
-    return UtilReadings(np.asarray(g, np.int32), np.asarray(a, np.int64), np.asarray(b, np.int64),
-                        np.asarray(p, np.float32), np.asarray(h, np.uint8))
 
 
-def _gauges(rows) -> GaugeReadings:
-    if not rows:
-        return GaugeReadings()
-    g, t, e, p, m, c = zip(*rows, strict=True)
-    return GaugeReadings(np.asarray(g, np.int32), np.asarray(t, np.int64), np.asarray(e, np.float64),
-                         np.asarray(p, np.float64), np.asarray(m, np.float64), np.asarray(c, np.float64))
 
 
-def _gpm(rows) -> GpmReadings:
-    if not rows:
-        return GpmReadings()
-    g, a, b, s, o, t, d = zip(*rows, strict=True)
-    return GpmReadings(np.asarray(g, np.int32), np.asarray(a, np.int64), np.asarray(b, np.int64),
-                       np.asarray(s, np.float32), np.asarray(o, np.float32), np.asarray(t, np.float32),
-                       np.asarray(d, np.float32))
 
 
-def _procs(rows) -> ProcReadings:
-    if not rows:
-        return ProcReadings()
-    g, r, a, b, p, m = zip(*rows, strict=True)
-    return ProcReadings(np.asarray(g, np.int32), np.asarray(r, np.int32), np.asarray(a, np.int64),
-                        np.asarray(b, np.int64), np.asarray(p, np.float32), np.asarray(m, np.float64))
 
 
 def _share(d: _Dev) -> float:

@@ -29,6 +29,7 @@ from gpuledger.agent.source import (
     Readings,
     StateSeconds,
     UtilReadings,
+    from_parts,
 )
 
 DAY_S = 86_400.0
@@ -158,10 +159,10 @@ class SimulatedSource:
                                    np.rint(power_w[ok] * 1000.0), mem[ok], np.rint(temp[ok])))
         self._truth_until_us = max(self._truth_until_us, min(s.next_end_us - self.period_us for s in self._state))
         return Readings(
-            util=_cat_util(util_parts),
-            gauges=_gauges(gauge_rows),
+            util=from_parts(UtilReadings, util_parts),
+            gauges=from_parts(GaugeReadings, gauge_rows),
             gpm=GpmReadings(),
-            procs=_cat_procs(proc_parts),
+            procs=from_parts(ProcReadings, proc_parts),
             processes=processes,
         )
 
@@ -226,26 +227,6 @@ class SimulatedSource:
     def truth_until_us(self) -> int:
         """Ground truth covers [start_us, this) for every GPU."""
         return self._truth_until_us
-
-
-def _cat_util(parts) -> UtilReadings:
-    if not parts:
-        return UtilReadings()
-    return UtilReadings(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
-
-
-def _cat_procs(parts) -> ProcReadings:
-    if not parts:
-        return ProcReadings()
-    return ProcReadings(*(np.concatenate([p[i] for p in parts]) for i in range(6)))
-
-
-def _gauges(parts) -> GaugeReadings:
-    if not parts:
-        return GaugeReadings()
-    g, t, e, p, m, c = (np.concatenate([x[i] for x in parts]) for i in range(6))
-    return GaugeReadings(g.astype(np.int32), t.astype(np.int64), e.astype(np.float64), p.astype(np.float64),
-                         m.astype(np.float64), c.astype(np.float64))
 
 
 # ----------------------------------------------------------------------------- fleets

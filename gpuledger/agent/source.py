@@ -8,7 +8,7 @@ microseconds of the agent's wall clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
@@ -122,6 +122,24 @@ class ProcReadings:
     t1_us: np.ndarray = field(default_factory=_i64)
     pct: np.ndarray = field(default_factory=_f32)  # the process's share of the interval busy (0..100)
     mem_bytes: np.ndarray = field(default_factory=_f64)
+
+
+def from_rows(cls, rows):
+    """One of the columnar reading classes above from row tuples in field order (dtypes as declared)."""
+    empty = cls()
+    if not rows:
+        return empty
+    return cls(*(np.asarray(col, getattr(empty, f.name).dtype)
+                 for col, f in zip(zip(*rows, strict=True), fields(cls), strict=True)))
+
+
+def from_parts(cls, parts):
+    """One of the columnar reading classes from tuples of column arrays, concatenated."""
+    empty = cls()
+    if not parts:
+        return empty
+    return cls(*(np.concatenate([p[i] for p in parts]).astype(getattr(empty, f.name).dtype, copy=False)
+                 for i, f in enumerate(fields(cls))))
 
 
 @dataclass
