@@ -50,6 +50,22 @@ PROC_WINDOW_SCHEMA = pa.schema(
     ]
 )
 
+# One row per (inference endpoint, window): the inference server's own counters, scraped on the host.
+ENDPOINT_WINDOW_SCHEMA = pa.schema(
+    [
+        ("endpoint", pa.string()),
+        ("server", pa.string()),  # vllm | tgi | triton | sglang
+        ("window_start_ms", pa.int64()),
+        ("window_ms", pa.uint32()),
+        ("scraped_ms", pa.uint32()),  # time of the window between two good scrapes: the rest is unknown
+        ("requests", pa.uint64()),  # requests completed successfully in the window
+        ("prompt_tokens", pa.uint64()),
+        ("generation_tokens", pa.uint64()),
+        ("running_max", pa.uint32()),  # most requests in flight at one scrape
+        ("scrape_errors", pa.uint32()),
+    ]
+)
+
 STATE_COLUMNS = ("busy_ms", "idle_held_ms", "idle_free_ms", "unmonitored_ms")
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgpuledger/v1/telemetry.proto\x12\x0cgpuledger.v1\"\xef\x01\n\tHostFacts\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x15\n\rinstance_type\x18\x05 \x01(\t\x12\x11\n\tgpu_count\x18\x06 \x01(\r\x12/\n\x04tags\x18\x07 \x03(\x0b\x32!.gpuledger.v1.HostFacts.TagsEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x01\n\x07GpuInfo\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x13\n\x0butil_method\x18\x05 \x01(\t\x12\x0b\n\x03mig\x18\x06 \x01(\x08\x12\x13\n\x0bparent_uuid\x18\x07 \x01(\t\x12\r\n\x05share\x18\x08 \x01(\x02\x12\x17\n\x0f\x66irst_window_ms\x18\t \x01(\x03\"\xc4\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08start_ms\x18\x02 \x01(\x03\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x04 \x01(\t\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\x12\x31\n\x04tags\x18\x06 \x03(\x0b\x32#.gpuledger.v1.ProcessInfo.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa2\x02\n\x0bWindowBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12%\n\x04host\x18\x04 \x01(\x0b\x32\x17.gpuledger.v1.HostFacts\x12#\n\x04gpus\x18\x05 \x03(\x0b\x32\x15.gpuledger.v1.GpuInfo\x12,\n\tprocesses\x18\x06 \x03(\x0b\x32\x19.gpuledger.v1.ProcessInfo\x12\x19\n\x11gpu_windows_arrow\x18\x07 \x01(\x0c\x12\x1a\n\x12proc_windows_arrow\x18\x08 \x01(\x0c\x12\x17\n\x0f\x64ropped_windows\x18\t \x01(\x04\x12\x0f\n\x07sent_ms\x18\n \x01(\x03J\x04\x08\x0b\x10\x0c\"\\\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0estored_windows\x18\x04 \x01(\r\x12\x11\n\tretryable\x18\x05 \x01(\x08\"\xba\x01\n\rReportRequest\x12\x0e\n\x06report\x18\x01 \x01(\t\x12\x10\n\x08since_ms\x18\x02 \x01(\x03\x12\x10\n\x08until_ms\x18\x03 \x01(\x03\x12\n\n\x02\x62y\x18\x04 \x01(\t\x12\x39\n\x07\x66ilters\x18\x05 \x03(\x0b\x32(.gpuledger.v1.ReportRequest.FiltersEntry\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x0bReportReply\x12\r\n\x05\x61rrow\x18\x01 \x01(\x0c\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x16\n\x0epricing_source\x18\x03 \x01(\t\x12\x10\n\x08since_ms\x18\x04 \x01(\x03\x12\x10\n\x08until_ms\x18\x05 \x01(\x03\x32G\n\tTelemetry\x12:\n\x06Stream\x12\x19.gpuledger.v1.WindowBatch\x1a\x11.gpuledger.v1.Ack(\x01\x30\x01\x32I\n\x05Query\x12@\n\x06Report\x12\x1b.gpuledger.v1.ReportRequest\x1a\x19.gpuledger.v1.ReportReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgpuledger/v1/telemetry.proto\x12\x0cgpuledger.v1\"\x84\x02\n\tHostFacts\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x15\n\rinstance_type\x18\x05 \x01(\t\x12\x11\n\tgpu_count\x18\x06 \x01(\r\x12/\n\x04tags\x18\x07 \x03(\x0b\x32!.gpuledger.v1.HostFacts.TagsEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x13\n\x0binstance_id\x18\t \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x01\n\x07GpuInfo\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x13\n\x0butil_method\x18\x05 \x01(\t\x12\x0b\n\x03mig\x18\x06 \x01(\x08\x12\x13\n\x0bparent_uuid\x18\x07 \x01(\t\x12\r\n\x05share\x18\x08 \x01(\x02\x12\x17\n\x0f\x66irst_window_ms\x18\t \x01(\x03\"\xc4\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08start_ms\x18\x02 \x01(\x03\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x04 \x01(\t\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\x12\x31\n\x04tags\x18\x06 \x03(\x0b\x32#.gpuledger.v1.ProcessInfo.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf0\x02\n\x0bWindowBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12%\n\x04host\x18\x04 \x01(\x0b\x32\x17.gpuledger.v1.HostFacts\x12#\n\x04gpus\x18\x05 \x03(\x0b\x32\x15.gpuledger.v1.GpuInfo\x12,\n\tprocesses\x18\x06 \x03(\x0b\x32\x19.gpuledger.v1.ProcessInfo\x12\x19\n\x11gpu_windows_arrow\x18\x07 \x01(\x0c\x12\x1a\n\x12proc_windows_arrow\x18\x08 \x01(\x0c\x12\x17\n\x0f\x64ropped_windows\x18\t \x01(\x04\x12\x0f\n\x07sent_ms\x18\n \x01(\x03\x12\x18\n\x10session_start_ms\x18\x0c \x01(\x03\x12\x12\n\nstopped_ms\x18\r \x01(\x03\x12\x1e\n\x16\x65ndpoint_windows_arrow\x18\x0e \x01(\x0cJ\x04\x08\x0b\x10\x0c\"u\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0estored_windows\x18\x04 \x01(\r\x12\x11\n\tretryable\x18\x05 \x01(\x08\x12\x17\n\x0fmax_batch_bytes\x18\x06 \x01(\x04\"\xba\x01\n\rReportRequest\x12\x0e\n\x06report\x18\x01 \x01(\t\x12\x10\n\x08since_ms\x18\x02 \x01(\x03\x12\x10\n\x08until_ms\x18\x03 \x01(\x03\x12\n\n\x02\x62y\x18\x04 \x01(\t\x12\x39\n\x07\x66ilters\x18\x05 \x03(\x0b\x32(.gpuledger.v1.ReportRequest.FiltersEntry\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x0bReportReply\x12\r\n\x05\x61rrow\x18\x01 \x01(\x0c\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x16\n\x0epricing_source\x18\x03 \x01(\t\x12\x10\n\x08since_ms\x18\x04 \x01(\x03\x12\x10\n\x08until_ms\x18\x05 \x01(\x03\x32G\n\tTelemetry\x12:\n\x06Stream\x12\x19.gpuledger.v1.WindowBatch\x1a\x11.gpuledger.v1.Ack(\x01\x30\x01\x32I\n\x05Query\x12@\n\x06Report\x12\x1b.gpuledger.v1.ReportRequest\x1a\x19.gpuledger.v1.ReportReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTREQUEST_FILTERSENTRY']._loaded_options = None
   _globals['_REPORTREQUEST_FILTERSENTRY']._serialized_options = b'8\001'
   _globals['_HOSTFACTS']._serialized_start=47
-  _globals['_HOSTFACTS']._serialized_end=286
-  _globals['_HOSTFACTS_TAGSENTRY']._serialized_start=243
-  _globals['_HOSTFACTS_TAGSENTRY']._serialized_end=286
-  _globals['_GPUINFO']._serialized_start=289
-  _globals['_GPUINFO']._serialized_end=461
-  _globals['_PROCESSINFO']._serialized_start=464
-  _globals['_PROCESSINFO']._serialized_end=660
-  _globals['_PROCESSINFO_TAGSENTRY']._serialized_start=243
-  _globals['_PROCESSINFO_TAGSENTRY']._serialized_end=286
-  _globals['_WINDOWBATCH']._serialized_start=663
-  _globals['_WINDOWBATCH']._serialized_end=953
-  _globals['_ACK']._serialized_start=955
-  _globals['_ACK']._serialized_end=1047
-  _globals['_REPORTREQUEST']._serialized_start=1050
-  _globals['_REPORTREQUEST']._serialized_end=1236
-  _globals['_REPORTREQUEST_FILTERSENTRY']._serialized_start=1190
-  _globals['_REPORTREQUEST_FILTERSENTRY']._serialized_end=1236
-  _globals['_REPORTREPLY']._serialized_start=1238
-  _globals['_REPORTREPLY']._serialized_end=1344
-  _globals['_TELEMETRY']._serialized_start=1346
-  _globals['_TELEMETRY']._serialized_end=1417
-  _globals['_QUERY']._serialized_start=1419
-  _globals['_QUERY']._serialized_end=1492
+  _globals['_HOSTFACTS']._serialized_end=307
+  _globals['_HOSTFACTS_TAGSENTRY']._serialized_start=264
+  _globals['_HOSTFACTS_TAGSENTRY']._serialized_end=307
+  _globals['_GPUINFO']._serialized_start=310
+  _globals['_GPUINFO']._serialized_end=482
+  _globals['_PROCESSINFO']._serialized_start=485
+  _globals['_PROCESSINFO']._serialized_end=681
+  _globals['_PROCESSINFO_TAGSENTRY']._serialized_start=264
+  _globals['_PROCESSINFO_TAGSENTRY']._serialized_end=307
+  _globals['_WINDOWBATCH']._serialized_start=684
+  _globals['_WINDOWBATCH']._serialized_end=1052
+  _globals['_ACK']._serialized_start=1054
+  _globals['_ACK']._serialized_end=1171
+  _globals['_REPORTREQUEST']._serialized_start=1174
+  _globals['_REPORTREQUEST']._serialized_end=1360
+  _globals['_REPORTREQUEST_FILTERSENTRY']._serialized_start=1314
+  _globals['_REPORTREQUEST_FILTERSENTRY']._serialized_end=1360
+  _globals['_REPORTREPLY']._serialized_start=1362
+  _globals['_REPORTREPLY']._serialized_end=1468
+  _globals['_TELEMETRY']._serialized_start=1470
+  _globals['_TELEMETRY']._serialized_end=1541
+  _globals['_QUERY']._serialized_start=1543
+  _globals['_QUERY']._serialized_end=1616
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HostFacts(_message.Message):
-    __slots__ = ("host_id", "hostname", "provider", "region", "instance_type", "gpu_count", "tags", "agent_version")
+    __slots__ = ("host_id", "hostname", "provider", "region", "instance_type", "gpu_count", "tags", "agent_version", "instance_id")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class HostFacts(_message.Message):
     GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     hostname: str
     provider: str
@@ -31,7 +32,8 @@ class HostFacts(_message.Message):
     gpu_count: int
     tags: _containers.ScalarMap[str, str]
     agent_version: str
-    def __init__(self, host_id: _Optional[str] = ..., hostname: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., instance_type: _Optional[str] = ..., gpu_count: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, host_id: _Optional[str] = ..., hostname: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., instance_type: _Optional[str] = ..., gpu_count: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class GpuInfo(_message.Message):
     __slots__ = ("uuid", "index", "name", "mem_total_bytes", "util_method", "mig", "parent_uuid", "share", "first_window_ms")
@@ -79,7 +81,7 @@ class ProcessInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., start_ms: _Optional[int] = ..., command: _Optional[str] = ..., container_id: _Optional[str] = ..., pod_uid: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WindowBatch(_message.Message):
-    __slots__ = ("agent_id", "agent_epoch", "seq", "host", "gpus", "processes", "gpu_windows_arrow", "proc_windows_arrow", "dropped_windows", "sent_ms")
+    __slots__ = ("agent_id", "agent_epoch", "seq", "host", "gpus", "processes", "gpu_windows_arrow", "proc_windows_arrow", "dropped_windows", "sent_ms", "session_start_ms", "stopped_ms", "endpoint_windows_arrow")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,9 @@ class WindowBatch(_message.Message):
     PROC_WINDOWS_ARROW_FIELD_NUMBER: _ClassVar[int]
     DROPPED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     SENT_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_START_MS_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_WINDOWS_ARROW_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     agent_epoch: int
     seq: int
@@ -100,21 +105,26 @@ class WindowBatch(_message.Message):
     proc_windows_arrow: bytes
     dropped_windows: int
     sent_ms: int
-    def __init__(self, agent_id: _Optional[str] = ..., agent_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., host: _Optional[_Union[HostFacts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., gpu_windows_arrow: _Optional[bytes] = ..., proc_windows_arrow: _Optional[bytes] = ..., dropped_windows: _Optional[int] = ..., sent_ms: _Optional[int] = ...) -> None: ...
+    session_start_ms: int
+    stopped_ms: int
+    endpoint_windows_arrow: bytes
+    def __init__(self, agent_id: _Optional[str] = ..., agent_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., host: _Optional[_Union[HostFacts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., gpu_windows_arrow: _Optional[bytes] = ..., proc_windows_arrow: _Optional[bytes] = ..., dropped_windows: _Optional[int] = ..., sent_ms: _Optional[int] = ..., session_start_ms: _Optional[int] = ..., stopped_ms: _Optional[int] = ..., endpoint_windows_arrow: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq", "code", "message", "stored_windows", "retryable")
+    __slots__ = ("seq", "code", "message", "stored_windows", "retryable", "max_batch_bytes")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STORED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     code: int
     message: str
     stored_windows: int
     retryable: bool
-    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stored_windows: _Optional[int] = ..., retryable: _Optional[bool] = ...) -> None: ...
+    max_batch_bytes: int
+    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stored_windows: _Optional[int] = ..., retryable: _Optional[bool] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("report", "since_ms", "until_ms", "by", "filters")
