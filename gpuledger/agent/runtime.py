@@ -100,6 +100,7 @@ class Agent:
         self.windows_sampled = 0
         self.batches_spooled = 0
         self.unhealthy_polls = 0
+        self.last_closed: Closed | None = None  # the windows closed by the latest step (per-GPU metrics read it)
         self._closed = False
 
     def step(self, now_us: int | None = None) -> None:
@@ -112,6 +113,7 @@ class Agent:
         if closed is not None and closed.n_windows:
             self._pending.append(closed)
             self.windows_sampled += closed.n_windows
+            self.last_closed = closed
         if now_us - self._last_flush_us >= self.cfg.flush_s * 1e6:
             self.flush(now_us)
 
