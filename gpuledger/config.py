@@ -54,6 +54,9 @@ class AgentConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     max_inflight: int = 8
+    # Largest batch the agent builds; it also learns the collector's limit from its acknowledgements
+    # and splits anything larger, so no batch is ever too large to deliver.
+    max_batch_bytes: int = 4 << 20
     send_timeout_s: float = 30.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
@@ -76,6 +79,7 @@ class AgentConfig:
         _require(self.spool_max_bytes >= 1 << 16, "agent.spool_max_bytes", "must be at least 65536")
         _require(_is_hostport(self.collector), "agent.collector", f"must be HOST:PORT, got {self.collector!r}")
         _require(self.max_inflight >= 1, "agent.max_inflight", "must be >= 1")
+        _require(self.max_batch_bytes >= 1 << 16, "agent.max_batch_bytes", "must be at least 65536")
         _require(self.kernels in ("numba", "numpy"), "agent.kernels", f"must be numba or numpy, got {self.kernels!r}")
         _require(all(isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()), "agent.tags",
                  "keys and values must be strings")
@@ -95,13 +99,27 @@ class CollectorConfig:
     max_batch_bytes: int = 16 << 20
     max_batch_rows: int = 200_000
     max_gpus_per_batch: int = 1024
-    max_streams: int = 1024  # agent streams served at once (each holds a thread)
+    max_streams: int = 10_000  # agent streams open at once (streams are cheap: no thread each)
+    max_streams_per_agent: int = 4  # streams one credential (or, without tokens, one peer address) may hold
+    stream_idle_timeout_s: float = 300.0  # a stream that carries no batch this long is closed
+    report_workers: int = 2  # reports computed at once; more wait (up to 4 times as many), then are refused
+    report_memory_mb: int = 2048  # ClickHouse memory limit of one report query; group-by and sort spill above half
+    report_timeout_s: float = 600.0  # the CLI's deadline for one report
+    batch_log_days: int = 30  # how long the log of received batches (agent_batches) is kept
+    backfill_hours: float = 24.0  # how far a run's start or a GPU's declared first window may precede its host's
+    # first window (they claim time no window backs: unmonitored, priced)
+    silence_grace_s: float = 90.0  # a host this long without a batch is silent; until then its last window ends it
+    silence_horizon_s: float = 3600.0  # the longest silence (no stop) counted as unmonitored before the host is
+    # taken as gone; a host that comes back after a shorter silence has it all counted
+    seal_interval_s: float = 30.0  # how often hourly rollups are brought up to date
+    seal_settle_s: float = 60.0  # a host-hour is rolled up once nothing landed in it for this long
     max_future_s: float = 300.0
     insert_max_rows: int = 500_000
     insert_max_wait_s: float = 0.05
     max_pending_rows: int = 2_000_000
     tokens_file: str = ""
     query_token_file: str = ""
+    admin_token_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
@@ -121,6 +139,19 @@ class CollectorConfig:
                  f"must be month, week or day, got {self.partition_by!r}")
         _require(self.max_batch_rows > 0, "collector.max_batch_rows", "must be > 0")
         _require(self.max_batch_bytes > 1024, "collector.max_batch_bytes", "must be > 1024")
+        import re
+
+        _require(bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", self.database)), "collector.database",
+                 f"must be an identifier (letters, digits and _, not starting with a digit), got {self.database!r}")
+        _require(not self.cluster or bool(re.match(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$", self.cluster)),
+                 "collector.cluster", f"must be a cluster name, got {self.cluster!r}")
+        for key in ("max_streams", "max_streams_per_agent", "report_workers", "report_memory_mb", "batch_log_days"):
+            _require(getattr(self, key) >= 1, f"collector.{key}", "must be >= 1")
+        for key in ("stream_idle_timeout_s", "report_timeout_s", "silence_grace_s", "silence_horizon_s",
+                    "seal_interval_s"):
+            _require(getattr(self, key) > 0, f"collector.{key}", "must be > 0")
+        _require(self.backfill_hours >= 0, "collector.backfill_hours", "must be >= 0")
+        _require(self.seal_settle_s >= 0, "collector.seal_settle_s", "must be >= 0")
         return self
 
 

@@ -4,6 +4,8 @@
   a token authenticates one host id and can write windows for that host only.
 - The query token (`query_token_file`: lines `sha256:HEX`) is read-only: it can ask for
   reports and cannot write; an agent token cannot read reports.
+- The admin token (`admin_token_file`, same format) may act on the collector's records (retire a
+  host, import a bill or API spend) and read reports; neither other kind of token may.
 - Tokens are read from files or the environment, never from command-line arguments, and
   never logged. The agent warns when its token file is readable by others.
 - The collector refuses a non-loopback listen address without TLS and credentials unless
@@ -99,18 +101,30 @@ def _bearer(context) -> str | None:
     return None
 
 
-class Auth:
-    """Checks every stream and every report request. Never logs a token."""
+class AuthDenied(Exception):
+    """A request without the credential it needs: `code` (a grpc.StatusCode) and a message for the caller."""
 
-    def __init__(self, agent_hashes: dict[str, str], query_hashes: dict[str, str]) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Auth:
+    """Checks every stream, report and admin request; raises AuthDenied. Never logs a token."""
+
+    def __init__(self, agent_hashes: dict[str, str], query_hashes: dict[str, str],
+                 admin_hashes: dict[str, str] | None = None) -> None:
         self.agent_hashes = agent_hashes
         self.query_hashes = query_hashes
+        self.admin_hashes = admin_hashes or {}
         self.failures = 0
 
     @classmethod
-    def from_files(cls, tokens_file: str, query_token_file: str) -> Auth:
+    def from_files(cls, tokens_file: str, query_token_file: str, admin_token_file: str = "") -> Auth:
         return cls(_read_hash_file(tokens_file, True) if tokens_file else {},
-                   _read_hash_file(query_token_file, False) if query_token_file else {})
+                   _read_hash_file(query_token_file, False) if query_token_file else {},
+                   _read_hash_file(admin_token_file, False) if admin_token_file else {})
 
     @staticmethod
     def _match(token: str | None, table: dict[str, str]) -> str | None:
@@ -129,29 +143,44 @@ class Auth:
         if host is None:
             self.failures += 1
             if token and self._match(token, self.query_hashes) is not None:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, "the query token is read-only: it cannot write")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or unknown agent token (authorization: Bearer <token>)")
+                raise AuthDenied(grpc.StatusCode.PERMISSION_DENIED, "the query token is read-only: it cannot write")
+            raise AuthDenied(grpc.StatusCode.UNAUTHENTICATED,
+                             "missing or unknown agent token (authorization: Bearer <token>)")
         return host
 
     def check_batch(self, principal: str | None, batch) -> None:
         if principal is None:
             return
         if batch.host.host_id != principal:
+            shown = batch.host.host_id if len(batch.host.host_id) <= 80 else batch.host.host_id[:80] + "..."
             raise PermissionError(f"host.host_id: the token of host {principal!r} cannot write windows for "
-                                  f"host {batch.host.host_id!r}")
+                                  f"host {shown!r}")
 
     def authenticate_query(self, context) -> None:
         token = _bearer(context)
-        if self._match(token, self.query_hashes) is not None:
+        if self._match(token, self.query_hashes) is not None or self._match(token, self.admin_hashes) is not None:
             return
         self.failures += 1
         if token and self._match(token, self.agent_hashes) is not None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "an agent token cannot read reports: use the query token")
+            raise AuthDenied(grpc.StatusCode.PERMISSION_DENIED, "an agent token cannot read reports: use the query "
+                                                                "token")
         if not self.query_hashes:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no query token is configured on this collector "
-                                                           "(collector.query_token_file)")
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown query token")
+            raise AuthDenied(grpc.StatusCode.UNAUTHENTICATED, "no query token is configured on this collector "
+                                                              "(collector.query_token_file)")
+        raise AuthDenied(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown query token")
+
+    def authenticate_admin(self, context) -> None:
+        token = _bearer(context)
+        if self._match(token, self.admin_hashes) is not None:
+            return
+        self.failures += 1
+        if token and (self._match(token, self.query_hashes) or self._match(token, self.agent_hashes)):
+            raise AuthDenied(grpc.StatusCode.PERMISSION_DENIED, "this token cannot change the collector's records: "
+                                                                "use the admin token (collector.admin_token_file)")
+        if not self.admin_hashes:
+            raise AuthDenied(grpc.StatusCode.UNAUTHENTICATED, "no admin token is configured on this collector "
+                                                              "(collector.admin_token_file)")
+        raise AuthDenied(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown admin token")
 
 
 def _read(path: str, what: str) -> bytes:
@@ -171,8 +200,8 @@ def collector_security(cfg: CollectorConfig):
         creds = grpc.ssl_server_credentials(
             [(_read(cfg.tls_key_file, "collector.tls_key_file"), _read(cfg.tls_cert_file, "collector.tls_cert_file"))],
             root_certificates=client_ca, require_client_auth=client_ca is not None)
-    auth = Auth.from_files(cfg.tokens_file, cfg.query_token_file) if (cfg.tokens_file or cfg.query_token_file) \
-        else None
+    auth = Auth.from_files(cfg.tokens_file, cfg.query_token_file, cfg.admin_token_file) \
+        if (cfg.tokens_file or cfg.query_token_file or cfg.admin_token_file) else None
     loopback = is_loopback(cfg.listen)
     if not loopback and not cfg.insecure:
         if creds is None:
@@ -184,7 +213,8 @@ def collector_security(cfg: CollectorConfig):
     if auth is None:
         note = "no credentials configured: serving loopback only, without authentication"
     else:
-        note = (f"{len(auth.agent_hashes)} agent tokens, {len(auth.query_hashes)} query tokens; "
+        note = (f"{len(auth.agent_hashes)} agent tokens, {len(auth.query_hashes)} query tokens, "
+                f"{len(auth.admin_hashes)} admin tokens; "
                 f"{'mutual TLS' if cfg.tls_client_ca_file else 'TLS' if creds else 'no TLS'}")
     return auth, creds, note
 

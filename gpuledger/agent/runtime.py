@@ -2,8 +2,14 @@
 
 `Agent.step(now)` polls the source, folds the readings, closes finished windows and, every
 `flush_s`, appends one encoded batch to the spool. The shipper sends from the spool on its own
-thread. `Agent.close()` closes the open window too (its remaining time stays unmonitored), so
-a SIGTERM loses nothing that was measured.
+thread. `Agent.close()` closes the open window too, then spools a stop batch saying the run ended
+on purpose at that instant, so a SIGTERM loses nothing that was measured and the collector does
+not expect the host to be watched after it.
+
+Every batch names its run's session start: when this run began watching the host. A fresh run
+starts at its first window; a run that restarts after the previous one was killed (no stop) on
+the same boot starts where the previous one stopped closing windows, so the time the agent was
+down counts as unmonitored; after a reboot it starts at the boot (the host was up, unwatched).
 """
 
 from __future__ import annotations
@@ -50,6 +56,18 @@ def process_infos(processes: list[ProcessIdentity]) -> list[pb.ProcessInfo]:
                            pod_uid=p.pod_uid, tags=dict(p.tags)) for p in processes]
 
 
+def boot_time_ms(proc_root: str = "/proc") -> int | None:
+    """The host's boot time (btime in /proc/stat), or None where it cannot be read."""
+    try:
+        with open(f"{proc_root}/stat") as fh:
+            for line in fh:
+                if line.startswith("btime "):
+                    return int(line.split()[1]) * 1000
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def merge_closed(parts: list[Closed]) -> Closed:
     if len(parts) == 1:
         return parts[0]
@@ -62,23 +80,110 @@ def merge_closed(parts: list[Closed]) -> Closed:
 
 
 def encode_batch(agent_id: str, epoch: int, seq: int, host: pb.HostFacts, gpus: list[pb.GpuInfo],
-                 closed: Closed, dropped_windows: int, sent_ms: int) -> bytes:
+                 closed: Closed, dropped_windows: int, sent_ms: int, session_start_ms: int = 0) -> bytes:
     msg = pb.WindowBatch(agent_id=agent_id, agent_epoch=epoch, seq=seq, host=host, gpus=gpus,
                          processes=process_infos(closed.processes),
                          gpu_windows_arrow=to_ipc(closed.gpu.cast(GPU_WINDOW_SCHEMA)),
                          proc_windows_arrow=to_ipc(closed.proc.cast(PROC_WINDOW_SCHEMA)),
-                         dropped_windows=dropped_windows, sent_ms=sent_ms)
+                         dropped_windows=dropped_windows, sent_ms=sent_ms, session_start_ms=session_start_ms)
     return msg.SerializeToString()
+
+
+def encode_stop(agent_id: str, epoch: int, seq: int, host: pb.HostFacts, session_start_ms: int, stopped_ms: int,
+                sent_ms: int) -> bytes:
+    """The last batch of a run: no windows, the instant the run stopped on purpose."""
+    return pb.WindowBatch(agent_id=agent_id, agent_epoch=epoch, seq=seq, host=host, sent_ms=sent_ms,
+                          session_start_ms=session_start_ms, stopped_ms=stopped_ms).SerializeToString()
+
+
+def split_closed(closed: Closed, parts: int) -> list[Closed]:
+    """Split closed windows into about `parts` pieces by GPU window, each process window kept with its GPU
+    window (a batch must hold the GPU window of each of its process windows)."""
+    n = closed.gpu.num_rows
+    parts = max(1, min(parts, n))
+    if parts == 1:
+        return [closed]
+    import numpy as np
+    import pyarrow.compute as pc
+
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    gkey = pc.binary_join_element_wise(closed.gpu.column("gpu_uuid"),
+                                       pc.cast(closed.gpu.column("window_start_ms"), pa.string()), "/")
+    pkey = pc.binary_join_element_wise(closed.proc.column("gpu_uuid"),
+                                       pc.cast(closed.proc.column("window_start_ms"), pa.string()), "/")
+    out = []
+    by_ident = {(p.pid, p.start_ms): p for p in closed.processes}
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        if b <= a:
+            continue
+        g = closed.gpu.slice(a, b - a)
+        mask = pc.is_in(pkey, value_set=gkey.slice(a, b - a).combine_chunks()) if closed.proc.num_rows else None
+        p = closed.proc.filter(mask) if mask is not None else closed.proc
+        idents = sorted({(int(x), int(y)) for x, y in zip(p.column("pid").to_pylist(),
+                                                          p.column("proc_start_ms").to_pylist(), strict=True)})
+        starts = g.column("window_start_ms")
+        out.append(Closed(gpu=g, proc=p, processes=[by_ident[i] for i in idents if i in by_ident],
+                          start_ms=int(pc.min(starts).as_py()), end_ms=closed.end_ms))
+    return out
+
+
+def encode_within(limit: int, closed: Closed, encode) -> list[tuple[bytes, int]]:
+    """Encode closed windows as one or more batches of at most `limit` bytes each: (payload, windows).
+    `encode(closed) -> bytes`. A single GPU window over the limit is returned as it is (the
+    collector then refuses it, and it is dead-lettered with the reason)."""
+    payload = encode(closed)
+    if len(payload) <= limit or closed.gpu.num_rows <= 1:
+        return [(payload, closed.n_windows)]
+    pieces = max(2, -(-len(payload) // max(limit, 1)) + 1)
+    out: list[tuple[bytes, int]] = []
+    for part in split_closed(closed, pieces):
+        out.extend(encode_within(limit, part, encode))
+    return out
+
+
+def split_payload(payload: bytes, limit: int) -> list[tuple[bytes, int]]:
+    """Re-encode a spooled batch as batches of at most `limit` bytes (same agent, epoch and windows; the
+    caller gives them new sequence numbers, patched in by `with_seq`)."""
+    from gpuledger.schema import from_ipc
+
+    b = pb.WindowBatch.FromString(payload)
+    gpu = from_ipc(b.gpu_windows_arrow) if b.gpu_windows_arrow else GPU_WINDOW_SCHEMA.empty_table()
+    proc = from_ipc(b.proc_windows_arrow) if b.proc_windows_arrow else PROC_WINDOW_SCHEMA.empty_table()
+    idents = [ProcessIdentity(pid=p.pid, start_ms=p.start_ms, command=p.command, container_id=p.container_id,
+                              pod_uid=p.pod_uid, tags=tuple(sorted(p.tags.items()))) for p in b.processes]
+    closed = Closed(gpu=gpu, proc=proc, processes=idents)
+
+    def encode(c: Closed) -> bytes:
+        used = {u for u in c.gpu.column("gpu_uuid").to_pylist()}
+        part = pb.WindowBatch()
+        part.CopyFrom(b)
+        del part.gpus[:]
+        part.gpus.extend(g for g in b.gpus if g.uuid in used)
+        del part.processes[:]
+        part.processes.extend(process_infos(c.processes))
+        part.gpu_windows_arrow = to_ipc(c.gpu)
+        part.proc_windows_arrow = to_ipc(c.proc)
+        return part.SerializeToString()
+
+    return encode_within(limit, closed, encode)
+
+
+def with_seq(payload: bytes, seq: int) -> bytes:
+    """The same batch under another sequence number (protobuf keeps the last value of a scalar field)."""
+    from gpuledger.agent.shipper import _varint
+
+    return payload + bytes([(3 << 3) | 0]) + _varint(seq)
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig, source: GpuSource, clock: Clock, spool: Spool,
-                 start_us: int | None = None) -> None:
+                 start_us: int | None = None, boot_ms: int | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.clock = clock
         self.spool = spool
         self.gpus = source.gpus()
+        self.session_start_ms = self._session_start(start_us, boot_ms)
         if spool.closed_until_ms and start_us is None:
             # A live agent's restart: windows up to closed_until were already closed (the last one
             # perhaps only in part, by a graceful stop), and re-emitting one would replace what was
@@ -94,6 +199,7 @@ class Agent:
                 start_us = max(closed_us, now_us // w_us * w_us)
         self.windower = Windower(self.gpus, cfg.window_s, cfg.lateness_s, start_us=start_us, kernels=cfg.kernels)
         self.host = host_facts(cfg, self.gpus, getattr(source, "physical_gpu_count", 0))
+        spool.begin_session(self.session_start_ms)
         self.agent_id = cfg.host_id
         self._pending: list[Closed] = []
         self._last_flush_us = clock.now_us()
@@ -102,6 +208,21 @@ class Agent:
         self.unhealthy_polls = 0
         self.last_closed: Closed | None = None  # the windows closed by the latest step (per-GPU metrics read it)
         self._closed = False
+
+    def _session_start(self, start_us: int | None, boot_ms: int | None) -> int:
+        """When this run begins watching the host (see the module docstring)."""
+        if start_us is not None:  # replay, simulated fleet: the caller knows
+            return int(start_us) // 1000
+        w_us = int(round(self.cfg.window_s * 1e6))
+        now_us = self.clock.now_us()
+        fresh = (now_us // w_us * w_us) // 1000
+        closed = self.spool.closed_until_ms
+        if not closed or self.spool.stopped_ms or closed * 1000 > now_us:
+            return fresh  # first run, after a stop on purpose, or a closed_until from a clock that was ahead
+        boot = boot_ms if boot_ms is not None else boot_time_ms(self.cfg.proc_root)
+        if boot is None or boot <= closed:
+            return closed  # the host stayed up: the agent alone was down, and that time is unmonitored
+        return min(boot, fresh)  # the host rebooted without a clean stop: up, unwatched, since its boot
 
     def step(self, now_us: int | None = None) -> None:
         now_us = self.clock.now_us() if now_us is None else now_us
@@ -125,21 +246,26 @@ class Agent:
             return None
         closed = merge_closed(self._pending)
         self._pending = []
-        seq = self.spool.next_seq
         self.spool.note_windows([g.uuid for g in self.gpus], closed.start_ms, closed.end_ms)
-        payload = encode_batch(self.agent_id, self.spool.epoch, seq, self.host,
-                               gpu_infos(self.gpus, self.spool.first_windows), closed, self.spool.dropped_windows,
-                               now_us // 1000)
-        try:
-            seq = self.spool.append(payload, closed.n_windows, seq=seq)
-        except SpoolFull as e:
-            log.error("spool full, %d windows dropped: %s", closed.n_windows, e)
-            return None
-        self.batches_spooled += 1
+        infos = gpu_infos(self.gpus, self.spool.first_windows)
+
+        def encode(c: Closed) -> bytes:  # the seq is patched in at append time
+            return encode_batch(self.agent_id, self.spool.epoch, 0, self.host, infos, c, self.spool.dropped_windows,
+                                now_us // 1000, self.session_start_ms)
+
+        seq = None
+        for payload, n_windows in encode_within(self.cfg.max_batch_bytes, closed, encode):
+            try:
+                seq = self.spool.append(with_seq(payload, self.spool.next_seq), n_windows, seq=self.spool.next_seq)
+            except SpoolFull as e:
+                log.error("spool full, %d windows dropped: %s", n_windows, e)
+                continue
+            self.batches_spooled += 1
         return seq
 
     def close(self) -> None:
-        """Close the open window into the spool (graceful shutdown); safe to call twice."""
+        """Close the open window into the spool, then spool the stop batch (graceful shutdown: the run
+        ends on purpose now); safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -154,6 +280,14 @@ class Agent:
             self.windows_sampled += closed.n_windows
         self.flush(now_us)
         self.source.close()
+        stopped_ms = max(now_us // 1000, self.session_start_ms)
+        try:
+            self.spool.append(encode_stop(self.agent_id, self.spool.epoch, self.spool.next_seq, self.host,
+                                          self.session_start_ms, stopped_ms, now_us // 1000), 0,
+                              seq=self.spool.next_seq)
+            self.spool.mark_stopped(stopped_ms)
+        except (SpoolFull, OSError) as e:  # then the collector sees silence, never idle time
+            log.error("stop batch not spooled: %s", e)
 
     def run(self, stop: threading.Event) -> None:
         """Real-time loop: one poll every tick_s until `stop` is set."""

@@ -7,6 +7,12 @@ retryable one (backpressure, store down), a broken stream or
 an acknowledgement that does not come within `ack_timeout_s` close the stream, and after a
 jittered exponential backoff everything unacknowledged is sent again. The collector's store
 is idempotent on (host id, GPU UUID, window start), so a resend never doubles a figure.
+
+No batch is resent forever: the shipper learns the collector's size limit (from the stream's
+initial metadata and every acknowledgement) and splits a spooled batch over it into smaller
+ones before sending; a batch the collector or its transport refuses as too large is split the
+same way, and one that cannot be split (a single window) is dead-lettered with the reason. The
+batches behind it never wait.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from gpuledger.v1 import telemetry_pb2
 log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/gpuledger.v1.Telemetry/Stream"
+LIMIT_HEADER = "gpuledger-max-batch-bytes"  # initial metadata of a stream: the collector's batch limit
 
 
 def _varint(n: int) -> bytes:
@@ -46,6 +53,9 @@ def _varint(n: int) -> bytes:
 _DROPPED_TAG = bytes([(9 << 3) | 0])
 
 
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
 def with_dropped(payload: bytes, dropped: int) -> bytes:
     return payload + _DROPPED_TAG + _varint(dropped) if dropped else payload
 
@@ -58,6 +68,7 @@ class ShipperStats:
     rejected: int = 0
     retried: int = 0
     reconnects: int = 0
+    split: int = 0  # batches split because they were over the collector's limit
     last_error: str = ""
 
 
@@ -93,6 +104,7 @@ class Shipper:
         self.options = (options or []) + [("grpc.max_send_message_length", 64 << 20),
                                           ("grpc.keepalive_time_ms", 30_000)]
         self.stats = ShipperStats()
+        self.max_batch_bytes = 0  # the collector's limit, once learned (0: not yet known)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._call = None
@@ -184,8 +196,13 @@ class Shipper:
                     except FileNotFoundError:  # its segment was just dropped (spool full): gone
                         sent_upto = rec.seq
                         continue
+                    if self.max_batch_bytes and len(payload) > self.max_batch_bytes:
+                        self._split(rec.seq, payload, f"{len(payload)} bytes, over the collector's limit of "
+                                                      f"{self.max_batch_bytes}")
+                        sent_upto = rec.seq
+                        continue
                     with cond:
-                        inflight.append((rec.seq, time.monotonic()))
+                        inflight.append((rec.seq, time.monotonic(), len(payload)))
                     sent_upto = rec.seq
                     self.stats.sent += 1
                     yield with_dropped(payload, self.spool.dropped_windows)
@@ -197,7 +214,9 @@ class Shipper:
             with self._lock:
                 self._call = call
             try:
+                self._learn(dict(call.initial_metadata() or ()).get(LIMIT_HEADER))
                 for ack in call:
+                    self._learn(ack.max_batch_bytes)
                     with cond:
                         head = inflight[0][0] if inflight else None
                         if head is None or ack.seq != head:
@@ -215,8 +234,12 @@ class Shipper:
                         self.stats.acked += 1
                         self.stats.acked_windows += ack.stored_windows
                         progressed = True
+                    elif not ack.retryable and ack.code == _RESOURCE_EXHAUSTED and self._split(
+                            ack.seq, None, ack.message):
+                        progressed = True
                     elif not ack.retryable:
                         self.stats.rejected += 1
+                        self.stats.last_error = f"collector refused seq {ack.seq}: {ack.message}"
                         self.spool.dead_letter(ack.seq, ack.message)
                         progressed = True
                     else:
@@ -225,6 +248,17 @@ class Shipper:
                         log.warning("collector deferred seq %d (%s); backing off", ack.seq, ack.message)
                         call.cancel()
                         break
+            except grpc.RpcError as e:
+                # the transport refused a message (over its receive limit): the largest batch in flight is
+                # the culprit; learn a limit below its size so that it is split before it is sent again
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and inflight:
+                    seq, _, size = max(inflight, key=lambda x: x[2])
+                    limit = size // 2
+                    if not self.max_batch_bytes or limit < self.max_batch_bytes:
+                        self.max_batch_bytes = max(limit, 1 << 10)
+                    log.warning("collector's transport refused a message (%s); seq %d (%d bytes) will be split",
+                                e.details(), seq, size)
+                raise
             finally:
                 done.set()
                 with cond:
@@ -232,3 +266,40 @@ class Shipper:
                 with self._lock:
                     self._call = None
         return progressed
+
+    def _learn(self, value) -> None:
+        try:
+            limit = int(value or 0)
+        except ValueError:
+            return
+        if limit > 0 and limit != self.max_batch_bytes:
+            self.max_batch_bytes = limit
+
+    def _split(self, seq: int, payload: bytes | None, reason: str) -> bool:
+        """Replace a spooled batch by smaller ones under the learned limit; False if it cannot be split
+        (one window), so the caller dead-letters it."""
+        from gpuledger.agent.runtime import split_payload, with_seq
+
+        if payload is None:
+            rec = next((r for r in self.spool.pending() if r.seq == seq), None)
+            if rec is None:
+                return False
+            payload = self.spool.read(rec)
+        limit = self.max_batch_bytes or max(len(payload) // 2, 1 << 10)
+        if len(payload) <= limit:
+            limit = len(payload) // 2
+        try:
+            parts = split_payload(payload, limit)
+        except Exception as e:  # an unreadable spooled batch: the dead letter keeps it
+            log.error("seq %d could not be split: %s", seq, e)
+            parts = []
+        if len(parts) <= 1:
+            self.stats.rejected += 1
+            self.stats.last_error = f"seq {seq} is too large and cannot be split: {reason}"
+            self.spool.dead_letter(seq, f"too large and cannot be split: {reason}")
+            return True
+        new = self.spool.replace(seq, parts, f"split: {reason}", with_seq)
+        self.stats.split += 1
+        log.warning("seq %d split into %d batches (seq %s..%s): %s", seq, len(parts), new[0] if new else "-",
+                    new[-1] if new else "-", reason)
+        return True

@@ -61,6 +61,10 @@ class Spool:
         # per GPU UUID: the earliest window ever closed, and the end of the newest one
         self.first_windows: dict[str, int] = dict(state.get("first_windows", {}))
         self.closed_until_ms = int(state.get("closed_until_ms", 0))
+        # the current (or last) agent run: when it began watching, and when it stopped on purpose
+        # (0: it did not stop on purpose - it is running, or it was killed)
+        self.session_start_ms = int(state.get("session_start_ms", 0))
+        self.stopped_ms = int(state.get("stopped_ms", 0))
         self.epoch = int(state.get("epoch", 0)) + 1  # every open is a new agent epoch
         self.torn_bytes = 0
         self._state_dirty = False
@@ -116,6 +120,45 @@ class Spool:
         if end_ms > self.closed_until_ms:
             self.closed_until_ms = int(end_ms)
             self._state_dirty = True
+
+    def begin_session(self, start_ms: int) -> None:
+        """A new agent run begins watching at `start_ms`; it has not stopped (persisted now)."""
+        with self._lock:
+            self.session_start_ms = int(start_ms)
+            self.stopped_ms = 0
+            self._write_state()
+
+    def mark_stopped(self, at_ms: int) -> None:
+        """The run stopped on purpose at `at_ms` (its stop batch is spooled): persisted now."""
+        with self._lock:
+            self.stopped_ms = int(at_ms)
+            self._write_state()
+
+    def replace(self, seq: int, parts: list[tuple[bytes, int]], reason: str, renumber) -> list[int]:
+        """Replace one unacknowledged batch by several smaller ones (each (payload, windows)), appended with
+        new sequence numbers (`renumber(payload, seq) -> payload`); the original is dropped and the reason
+        logged in deadletter.log (without its payload: nothing of it is lost). Returns the new numbers."""
+        with self._lock:
+            rec = next((r for r in self._records if r.seq == seq), None)
+            if rec is None:
+                return []
+            new = [self.append(renumber(payload, self.next_seq), n, seq=self.next_seq) for payload, n in parts]
+            self._log_dead(seq, rec.n_windows, f"{reason}; replaced by seq {new[0]}..{new[-1]}" if new else reason,
+                           b"")
+            self._records = [r for r in self._records if r.seq != seq]
+            if self._records and self._records[0].seq > seq:
+                self.acked_seq = max(self.acked_seq, seq)  # done with: not reloaded after a restart
+            self._write_state()
+            self._gc()
+            self._lock.notify_all()
+            return new
+
+    def _log_dead(self, seq: int, windows: int, reason: str, payload: bytes) -> None:
+        with open(self.dir / "deadletter.log", "ab") as fh:
+            meta = json.dumps({"seq": seq, "windows": windows, "reason": reason}).encode()
+            fh.write(struct.pack("<II", len(meta), len(payload)) + meta + payload)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def append(self, payload: bytes, n_windows: int, seq: int | None = None) -> int:
         """Durably append one encoded batch; returns its sequence number."""
@@ -223,12 +266,7 @@ class Spool:
             if rec is None:
                 log.error("collector rejected batch seq=%d, which is not in the spool: %s", seq, reason)
                 return
-            payload = self.read(rec)
-            with open(self.dir / "deadletter.log", "ab") as fh:
-                meta = json.dumps({"seq": seq, "windows": rec.n_windows, "reason": reason}).encode()
-                fh.write(struct.pack("<II", len(meta), len(payload)) + meta + payload)
-                fh.flush()
-                os.fsync(fh.fileno())
+            self._log_dead(seq, rec.n_windows, reason, self.read(rec))
             self.dead_lettered += 1
             log.error("collector rejected batch seq=%d permanently: %s (moved to deadletter.log)", seq, reason)
             self._records = [r for r in self._records if r.seq != seq]
@@ -267,7 +305,8 @@ class Spool:
         tmp.write_text(json.dumps({"acked_seq": self.acked_seq, "next_seq": self.next_seq,
                                    "dropped_windows": self.dropped_windows, "dead_lettered": self.dead_lettered,
                                    "epoch": self.epoch, "first_windows": self.first_windows,
-                                   "closed_until_ms": self.closed_until_ms}))
+                                   "closed_until_ms": self.closed_until_ms,
+                                   "session_start_ms": self.session_start_ms, "stopped_ms": self.stopped_ms}))
         os.replace(tmp, self._state_path)
 
     # ------------------------------------------------------------------ stats

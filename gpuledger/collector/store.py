@@ -4,15 +4,31 @@ The DSN picks the engine: `chdb:///path` is ClickHouse embedded in this process 
 owns the directory), `http(s)://user:pass@host:8123` a ClickHouse server. With a cluster name
 the DDL is `ON CLUSTER`, tables are Replicated*MergeTree with a Distributed table in front.
 
-Windows are keyed by (host_id, gpu_uuid, window_start_ms) in ReplacingMergeTree tables and
-read with FINAL, so a batch stored twice (a resend after a lost acknowledgement) counts once.
+Tables (all in one database):
+- gpu_windows, proc_windows: the raw 10 s windows, ReplacingMergeTree keyed by (host, GPU, window
+  start [, process]): a batch stored twice (a resend after a lost acknowledgement) counts once when
+  read with FINAL. Process windows carry who pays for their GPU window's time, computed at ingest
+  (`active_attr_us`, `held_attr_us`), so reports never join process windows to GPU windows.
+- processes, hosts, gpus: facts, written when new or changed.
+- sessions: per agent run (host, epoch, session start) and GPU: the first and last window, the
+  stop, the last batch received (min/max aggregates, so resends change nothing). Coverage reads it.
+- host_contact, host_events: the host's first and last contact, dropped windows; retirements.
+- gpu_hours, alloc_hours: hourly rollups built from FINAL data by the sealer (rollup.py), with
+  rollup_marks / rollup_built telling reports which host-hours are current.
+- agent_batches: a log of received batches, kept `batch_log_days`.
+
+Reads for reports go through their own connections (a small pool), never the writer's: a long
+report does not stall ingest.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import re
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -22,11 +38,14 @@ import pyarrow as pa
 log = logging.getLogger(__name__)
 
 U32 = "UInt32 CODEC(T64, ZSTD(3))"
+U64 = "UInt64 CODEC(T64, ZSTD(3))"
+LC = "LowCardinality(String) CODEC(ZSTD(3))"
+TS = "Int64 CODEC(DoubleDelta, ZSTD(3))"
 
 GPU_WINDOW_COLUMNS = f"""
-    host_id LowCardinality(String) CODEC(ZSTD(3)),
-    gpu_uuid LowCardinality(String) CODEC(ZSTD(3)),
-    window_start_ms Int64 CODEC(DoubleDelta, ZSTD(3)),
+    host_id {LC},
+    gpu_uuid {LC},
+    window_start_ms {TS},
     window_ms {U32},
     sample_count {U32},
     covered_ms {U32},
@@ -38,64 +57,180 @@ GPU_WINDOW_COLUMNS = f"""
     util_min_pct UInt8 CODEC(ZSTD(3)),
     util_max_pct UInt8 CODEC(ZSTD(3)),
     util_hist Array(UInt16) CODEC(ZSTD(3)),
-    mem_used_max_bytes UInt64 CODEC(T64, ZSTD(3)),
+    mem_used_max_bytes {U64},
     power_mean_mw {U32},
     power_max_mw {U32},
-    energy_mj UInt64 CODEC(T64, ZSTD(3)),
+    energy_mj {U64},
     temp_max_c UInt8 CODEC(ZSTD(3)),
     gpm_covered_ms {U32},
     sm_active_ms {U32},
     sm_occupancy_ms {U32},
     tensor_active_ms {U32},
-    dram_active_ms {U32}
+    dram_active_ms {U32},
+    INDEX ts_minmax window_start_ms TYPE minmax GRANULARITY 1
 """
 
 PROC_WINDOW_COLUMNS = f"""
-    host_id LowCardinality(String) CODEC(ZSTD(3)),
-    gpu_uuid LowCardinality(String) CODEC(ZSTD(3)),
-    window_start_ms Int64 CODEC(DoubleDelta, ZSTD(3)),
+    host_id {LC},
+    gpu_uuid {LC},
+    window_start_ms {TS},
     pid UInt32 CODEC(ZSTD(3)),
     proc_start_ms Int64 CODEC(ZSTD(3)),
     held_ms {U32},
     busy_ms {U32},
-    mem_max_bytes UInt64 CODEC(T64, ZSTD(3))
+    mem_max_bytes {U64},
+    active_attr_us {U32},
+    held_attr_us {U32},
+    INDEX ts_minmax window_start_ms TYPE minmax GRANULARITY 1
 """
 
-TABLES = {
-    # name: (columns, engine, order by, version column, partitioned by window time)
-    "gpu_windows": (GPU_WINDOW_COLUMNS, "ReplacingMergeTree", "(host_id, gpu_uuid, window_start_ms)", "", True),
-    "proc_windows": (PROC_WINDOW_COLUMNS, "ReplacingMergeTree",
-                     "(host_id, gpu_uuid, window_start_ms, pid, proc_start_ms)", "", True),
-    "processes": ("""
+ENDPOINT_WINDOW_COLUMNS = f"""
+    host_id {LC},
+    endpoint {LC},
+    server {LC},
+    window_start_ms {TS},
+    window_ms {U32},
+    scraped_ms {U32},
+    requests {U64},
+    prompt_tokens {U64},
+    generation_tokens {U64},
+    running_max {U32},
+    scrape_errors {U32}
+"""
+
+_MIN = "SimpleAggregateFunction(min, Int64)"
+_MAX = "SimpleAggregateFunction(max, Int64)"
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: str
+    engine: str  # MergeTree family name without Replicated
+    order_by: str
+    version: str = ""  # version column of a ReplacingMergeTree
+    partition: str = ""  # expression; {fn} is replaced by the partition function
+    ttl_column: str = ""  # ms column the retention applies to
+    ttl: str = ""  # "windows" (collector.ttl_days) or "batches" (batch_log_days)
+
+
+TABLES: dict[str, Table] = {
+    "gpu_windows": Table(GPU_WINDOW_COLUMNS, "ReplacingMergeTree", "(host_id, gpu_uuid, window_start_ms)",
+                         partition="{fn}(toDateTime(intDiv(window_start_ms, 1000)))", ttl_column="window_start_ms",
+                         ttl="windows"),
+    "proc_windows": Table(PROC_WINDOW_COLUMNS, "ReplacingMergeTree",
+                          "(host_id, gpu_uuid, window_start_ms, pid, proc_start_ms)",
+                          partition="{fn}(toDateTime(intDiv(window_start_ms, 1000)))", ttl_column="window_start_ms",
+                          ttl="windows"),
+    "endpoint_windows": Table(ENDPOINT_WINDOW_COLUMNS, "ReplacingMergeTree", "(host_id, endpoint, window_start_ms)",
+                              partition="{fn}(toDateTime(intDiv(window_start_ms, 1000)))",
+                              ttl_column="window_start_ms", ttl="windows"),
+    "processes": Table("""
         host_id LowCardinality(String), pid UInt32, start_ms Int64, command String,
         container_id String, pod_uid String, tags Map(LowCardinality(String), String), last_seen_ms Int64
-    """, "ReplacingMergeTree", "(host_id, pid, start_ms)", "last_seen_ms", False),
-    "hosts": ("""
+    """, "ReplacingMergeTree", "(host_id, pid, start_ms)", "last_seen_ms"),
+    "hosts": Table("""
         host_id String, hostname String, provider LowCardinality(String), region LowCardinality(String),
         instance_type LowCardinality(String), gpu_count UInt32, tags Map(LowCardinality(String), String),
-        agent_version LowCardinality(String), updated_ms Int64
-    """, "ReplacingMergeTree", "host_id", "updated_ms", False),
-    "gpus": ("""
+        agent_version LowCardinality(String), updated_ms Int64, instance_id String DEFAULT ''
+    """, "ReplacingMergeTree", "host_id", "updated_ms"),
+    "gpus": Table("""
         host_id LowCardinality(String), uuid String, gpu_index UInt32, name LowCardinality(String),
         mem_total_bytes UInt64, util_method LowCardinality(String), mig Bool,
         first_window_ms Int64, parent_uuid String, share Float32
-    """, "MergeTree", "(host_id, uuid)", "", False),
-    "agent_batches": ("""
+    """, "MergeTree", "(host_id, uuid)"),
+    "sessions": Table(f"""
+        host_id LowCardinality(String), agent_epoch UInt64, session_start_ms Int64,
+        gpu_uuid LowCardinality(String), window_ms UInt32,
+        first_window_ms {_MIN}, last_end_ms {_MAX}, declared_first_ms {_MIN},
+        stopped_ms {_MAX}, received_ms {_MAX}
+    """, "AggregatingMergeTree", "(host_id, agent_epoch, session_start_ms, gpu_uuid, window_ms)"),
+    "host_contact": Table(f"""
+        host_id LowCardinality(String), first_received_ms {_MIN}, last_received_ms {_MAX},
+        first_window_ms {_MIN}, dropped_windows SimpleAggregateFunction(max, UInt64)
+    """, "AggregatingMergeTree", "host_id"),
+    "host_events": Table("""
+        host_id String, kind LowCardinality(String), at_ms Int64, recorded_ms Int64, note String
+    """, "ReplacingMergeTree", "(host_id, kind, at_ms)", "recorded_ms"),
+    "gpu_hours": Table(f"""
+        host_id {LC}, hour_ms Int64, gpu_uuid {LC},
+        busy_ms UInt64, idle_held_ms UInt64, idle_free_ms UInt64, unmonitored_ms UInt64, window_ms UInt64,
+        windows UInt32, energy_mj UInt64, power_mw_ms UInt64, power_max_mw UInt32, mem_used_max_bytes UInt64,
+        temp_max_c UInt8, gpm_covered_ms UInt64, sm_active_ms UInt64, tensor_active_ms UInt64,
+        dram_active_ms UInt64, built_us Int64
+    """, "ReplacingMergeTree", "(host_id, hour_ms, gpu_uuid)", "built_us"),
+    "alloc_hours": Table(f"""
+        host_id {LC}, hour_ms Int64, gpu_uuid {LC}, pid UInt32, proc_start_ms Int64,
+        active_attr_us UInt64, held_attr_us UInt64, busy_ms UInt64, held_ms UInt64, built_us Int64
+    """, "ReplacingMergeTree", "(host_id, hour_ms, gpu_uuid, pid, proc_start_ms)", "built_us"),
+    "rollup_marks": Table(f"host_id LowCardinality(String), hour_ms Int64, mark_us {_MAX}",
+                          "AggregatingMergeTree", "(host_id, hour_ms)"),
+    "rollup_built": Table(f"host_id LowCardinality(String), hour_ms Int64, built_us {_MAX}",
+                          "AggregatingMergeTree", "(host_id, hour_ms)"),
+    "agent_batches": Table("""
         agent_id LowCardinality(String), host_id LowCardinality(String), agent_epoch UInt64, seq UInt64,
         received_ms Int64, windows UInt32, proc_windows UInt32, dropped_windows UInt64
-    """, "MergeTree", "(agent_id, seq)", "", False),
+    """, "MergeTree", "(agent_id, seq)", partition="toYYYYMM(toDateTime(intDiv(received_ms, 1000)))",
+                           ttl_column="received_ms", ttl="batches"),
 }
 
+# group commit order: the rollup marks first and last (see rollup.py), windows before the facts about them
+INSERT_ORDER = ("rollup_marks", "gpu_windows", "proc_windows", "endpoint_windows", "processes", "hosts", "gpus",
+                "sessions", "host_contact", "agent_batches")
 
 PARTITION_FUNCTIONS = {"month": "toYYYYMM", "week": "toMonday", "day": "toYYYYMMDD"}
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+# ClickHouse error codes that mean the data or the schema is wrong: retrying cannot help. Everything
+# else (connection, timeout, memory, too many parts, read-only replica) is a passing fault.
+PERMANENT_CODES = frozenset({
+    6,  # CANNOT_PARSE_TEXT
+    8,  # THERE_IS_NO_COLUMN
+    15,  # DUPLICATE_COLUMN
+    16,  # NO_SUCH_COLUMN_IN_TABLE
+    27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    41,  # CANNOT_PARSE_DATETIME
+    43,  # ILLEGAL_TYPE_OF_ARGUMENT
+    44,  # ILLEGAL_COLUMN
+    47,  # UNKNOWN_IDENTIFIER
+    50,  # UNKNOWN_TYPE
+    53,  # TYPE_MISMATCH
+    60,  # UNKNOWN_TABLE
+    62,  # SYNTAX_ERROR
+    70,  # CANNOT_CONVERT_TYPE
+    81,  # UNKNOWN_DATABASE
+    117,  # INCORRECT_DATA
+    349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    497,  # ACCESS_DENIED
+    516,  # AUTHENTICATION_FAILED
+    565,  # TOO_MANY_PARTITIONS
+})
+_CODE = re.compile(r"\bCode: (\d+)\b")
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The ClickHouse error code of an exception raised by clickhouse-connect, if it carries one."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and code > 0:
+        return code
+    m = _CODE.search(str(exc))
+    return int(m.group(1)) if m else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    code = error_code(exc)
+    return code is None or code not in PERMANENT_CODES
 
 
 @dataclass(frozen=True)
 class StoreOptions:
     database: str = "gpuledger"
     cluster: str = ""
-    ttl_days: int = 0
+    ttl_days: int = 0  # raw windows; 0 keeps them
     partition_by: str = "month"  # month | week | day: how window tables are partitioned
+    batch_log_days: int = 30  # agent_batches
+    readers: int = 2  # connections for reports (and the sealer), apart from the writer's
+    report_memory_bytes: int = 2 << 30  # per report query; group-by and sort spill to disk above half
+    report_threads: int = 0  # ClickHouse max_threads for reports; 0: its default (the cores)
 
 
 class StoreError(RuntimeError):
@@ -106,22 +241,21 @@ class StoreError(RuntimeError):
         self.retryable = retryable
 
 
-def _is_retryable(exc: Exception) -> bool:
-    text = str(exc).lower()
-    permanent = ("syntax error", "unknown identifier", "type mismatch", "cannot parse", "no such column",
-                 "illegal type", "unknown table", "too many partitions")
-    return not any(p in text for p in permanent)
-
-
 def normalize_chdb_dsn(dsn: str) -> str:
-    """chdb://relative/dir -> chdb:///absolute/dir (clickhouse-connect reads chdb://host/db otherwise)."""
+    """chdb://relative/dir -> chdb:///absolute/dir (clickhouse-connect reads chdb://host/db otherwise).
+    The directory is created private (0700): it holds every process's command line and tags."""
+    import os
     from pathlib import Path
 
     path = dsn[len("chdb://"):]
     if path in ("memory", ":memory:") or path.startswith("memory/"):
         return dsn
     p = Path(path).resolve()
-    p.mkdir(parents=True, exist_ok=True)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.chmod(p, 0o700)
+    except OSError as e:  # not ours to change (a mounted volume): say so, go on
+        log.warning("store directory %s: cannot make it private (%s)", p, e)
     return f"chdb://{p}"
 
 
@@ -137,75 +271,141 @@ def open_client(dsn: str):
 
 class Store:
     def __init__(self, dsn: str, options: StoreOptions = StoreOptions(), client=None) -> None:
+        if not IDENTIFIER.match(options.database):
+            raise ValueError(f"collector.database: {options.database!r} is not an identifier (letters, digits, _; "
+                             "not starting with a digit)")
+        if options.cluster and not re.match(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$", options.cluster):
+            raise ValueError(f"collector.cluster: {options.cluster!r} is not an identifier")
         self.dsn = dsn
         self.opt = options
         self.db = options.database
         self.embedded = dsn.startswith("chdb:")
-        self._lock = threading.RLock()  # one embedded engine: serialize its use
+        self._lock = threading.RLock()  # the writer's connection: one statement at a time
         self.client = client or open_client(dsn)
+        self._readers: queue.Queue = queue.Queue()
+        self._own_readers = client is None
+        for _ in range(max(1, options.readers) if client is None else 1):
+            self._readers.put(open_client(dsn) if client is None else client)
+        self._reader_lock = threading.Lock() if client is not None else None  # a shared client: serialize
         self.insert_seconds = 0.0
         self.inserts = 0
         self.create_schema()
 
     # ------------------------------------------------------------------ DDL
     def _ddl_for(self, name: str) -> list[str]:
-        cols, engine, order, version, partitioned = TABLES[name]
+        t = TABLES[name]
         on_cluster = f" ON CLUSTER '{self.opt.cluster}'" if self.opt.cluster else ""
         local = f"{name}_local" if self.opt.cluster else name
-        eng = engine + (f"({version})" if version else "")
+        eng = t.engine + (f"({t.version})" if t.version else "")
         if self.opt.cluster:
-            args = f"'/clickhouse/tables/{{shard}}/{self.db}/{local}', '{{replica}}'" + (f", {version}" if version else "")
-            eng = f"Replicated{engine}({args})"
-        parts = [f"CREATE TABLE IF NOT EXISTS {self.db}.{local}{on_cluster} ({cols}) ENGINE = {eng}"]
-        if partitioned:
-            fn = PARTITION_FUNCTIONS[self.opt.partition_by]
-            parts.append(f"PARTITION BY {fn}(toDateTime(intDiv(window_start_ms, 1000)))")
-        parts.append(f"ORDER BY {order}")
-        if partitioned and self.opt.ttl_days:
-            parts.append(f"TTL toDateTime(intDiv(window_start_ms, 1000)) + INTERVAL {int(self.opt.ttl_days)} DAY")
+            args = f"'/clickhouse/tables/{{shard}}/{self.db}/{local}', '{{replica}}'" + (
+                f", {t.version}" if t.version else "")
+            eng = f"Replicated{t.engine}({args})"
+        parts = [f"CREATE TABLE IF NOT EXISTS {self.db}.{local}{on_cluster} ({t.columns}) ENGINE = {eng}"]
+        if t.partition:
+            parts.append(f"PARTITION BY {t.partition.format(fn=PARTITION_FUNCTIONS[self.opt.partition_by])}")
+        parts.append(f"ORDER BY {t.order_by}")
+        days = self.opt.ttl_days if t.ttl == "windows" else self.opt.batch_log_days if t.ttl == "batches" else 0
+        if days:
+            parts.append(f"TTL toDateTime(intDiv({t.ttl_column}, 1000)) + INTERVAL {int(days)} DAY")
         stmts = [" ".join(parts)]
         if self.opt.cluster:
+            # windows of one host stay on one shard, so its FINAL reads and rollups are shard-local
+            shard_key = "cityHash64(host_id)" if "host_id" in t.columns else "rand()"
             stmts.append(f"CREATE TABLE IF NOT EXISTS {self.db}.{name}{on_cluster} AS {self.db}.{local} "
-                         f"ENGINE = Distributed('{self.opt.cluster}', '{self.db}', '{local}', rand())")
+                         f"ENGINE = Distributed('{self.opt.cluster}', '{self.db}', '{local}', {shard_key})")
         return stmts
 
-    def create_schema(self) -> None:
+    def ddl(self) -> list[str]:
         on_cluster = f" ON CLUSTER '{self.opt.cluster}'" if self.opt.cluster else ""
+        out = [f"CREATE DATABASE IF NOT EXISTS {self.db}{on_cluster}"]
+        for name in TABLES:
+            out += self._ddl_for(name)
+        # columns added after the first release: existing stores gain them
+        out += [f"ALTER TABLE {self.db}.{'hosts_local' if self.opt.cluster else 'hosts'}{on_cluster} "
+                "ADD COLUMN IF NOT EXISTS instance_id String DEFAULT ''"]
+        for col in ("active_attr_us", "held_attr_us"):
+            out.append(f"ALTER TABLE {self.db}.{'proc_windows_local' if self.opt.cluster else 'proc_windows'}"
+                       f"{on_cluster} ADD COLUMN IF NOT EXISTS {col} {U32}")
+        return out
+
+    def create_schema(self) -> None:
         with self._lock:
-            self.client.command(f"CREATE DATABASE IF NOT EXISTS {self.db}{on_cluster}")
-            for name in TABLES:
-                for stmt in self._ddl_for(name):
+            for stmt in self.ddl():
+                try:
                     self.client.command(stmt)
+                except Exception as e:
+                    raise StoreError(f"creating the schema failed: {e}", is_retryable(e)) from e
 
     # ------------------------------------------------------------------ writes
     def insert(self, tables: dict[str, pa.Table]) -> None:
-        """Insert one group commit: the windows first, then the facts about hosts, GPUs and processes,
-        the batch log last. A failure part-way leaves no facts without their windows; a retry
-        re-inserts the windows, which the ReplacingMergeTree tables count once."""
+        """Insert one group commit in INSERT_ORDER, the rollup marks again at the end. A failure part-way
+        leaves no facts without their windows; a retry re-inserts the windows, which the ReplacingMergeTree
+        tables count once."""
         t0 = time.perf_counter()
         with self._lock:
             try:
-                for name in ("gpu_windows", "proc_windows", "processes", "hosts", "gpus", "agent_batches"):
+                for name in INSERT_ORDER:
                     t = tables.get(name)
                     if t is not None and t.num_rows:
                         self.client.insert_arrow(f"{self.db}.{name}", t)
-            except Exception as e:  # clickhouse-connect raises several types; sort them here
-                raise StoreError(f"insert failed: {e}", _is_retryable(e)) from e
+                marks = tables.get("rollup_marks_after")
+                if marks is not None and marks.num_rows:
+                    self.client.insert_arrow(f"{self.db}.rollup_marks", marks)
+            except Exception as e:  # clickhouse-connect raises several types; sort them by error code
+                raise StoreError(f"insert failed: {e}", is_retryable(e)) from e
         self.insert_seconds += time.perf_counter() - t0
         self.inserts += 1
 
+    def insert_table(self, name: str, table: pa.Table) -> None:
+        with self._lock:
+            try:
+                self.client.insert_arrow(f"{self.db}.{name}", table)
+            except Exception as e:
+                raise StoreError(f"insert into {name} failed: {e}", is_retryable(e)) from e
+
     # ------------------------------------------------------------------ reads
-    def query_arrow(self, sql: str, parameters: dict | None = None) -> pa.Table:
-        with self._lock:
-            return self.client.query_arrow(sql, parameters=parameters or {})
+    def report_settings(self) -> dict:
+        s = {"max_memory_usage": int(self.opt.report_memory_bytes),
+             "max_bytes_before_external_group_by": int(self.opt.report_memory_bytes) // 2,
+             "max_bytes_before_external_sort": int(self.opt.report_memory_bytes) // 2,
+             "join_algorithm": "grace_hash,parallel_hash,hash"}
+        if self.opt.report_threads:
+            s["max_threads"] = int(self.opt.report_threads)
+        return s
 
-    def query_rows(self, sql: str, parameters: dict | None = None) -> list[tuple]:
-        with self._lock:
-            return self.client.query(sql, parameters=parameters or {}).result_rows
+    @contextmanager
+    def reader(self):
+        """A connection of the readers' pool (blocks while all are busy)."""
+        client = self._readers.get()
+        try:
+            if self._reader_lock is not None:
+                with self._reader_lock:
+                    yield client
+            else:
+                yield client
+        finally:
+            self._readers.put(client)
 
-    def command(self, sql: str):
-        with self._lock:
-            return self.client.command(sql)
+    def query_arrow(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> pa.Table:
+        with self.reader() as c:
+            return c.query_arrow(sql, parameters=parameters or {}, settings=settings or {})
+
+    def query_rows(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> list[tuple]:
+        with self.reader() as c:
+            return c.query(sql, parameters=parameters or {}, settings=settings or {}).result_rows
+
+    def report_rows(self, sql: str, parameters: dict | None = None) -> list[tuple]:
+        """A report query: bounded memory (spills to disk), on a reader connection."""
+        return self.query_rows(sql, parameters, self.report_settings())
+
+    def command(self, sql: str, parameters: dict | None = None, settings: dict | None = None):
+        """A statement on a reader connection (INSERT ... SELECT of the sealer, maintenance)."""
+        with self.reader() as c:
+            try:
+                return c.command(sql, parameters=parameters or {}, settings=settings or {})
+            except Exception as e:
+                raise StoreError(f"{sql.split(None, 1)[0]} failed: {e}", is_retryable(e)) from e
 
     def stored_bytes(self, table: str = "gpu_windows") -> tuple[int, int, int]:
         """(rows, compressed bytes, uncompressed bytes) of the active parts of a table."""
@@ -220,8 +420,15 @@ class Store:
         self.command(f"OPTIMIZE TABLE {self.db}.{table} FINAL")
 
     def close(self) -> None:
-        with self._lock:
+        clients = [self.client]
+        while True:
             try:
-                self.client.close()
-            except Exception:  # closing twice, or an engine already gone
-                pass
+                clients.append(self._readers.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            for c in dict.fromkeys(clients):  # a shared client once
+                try:
+                    c.close()
+                except Exception:  # closing twice, or an engine already gone
+                    pass

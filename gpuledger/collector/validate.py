@@ -1,6 +1,8 @@
 """Validation of every incoming batch. A failure names the field and, where it helps, the row.
 
-Everything is checked before anything is stored, so a rejected batch is never half-stored.
+Everything is checked before anything is stored, so a rejected batch is never half-stored. What
+can be computed from one batch alone is computed here too, off the single writer's thread: each
+GPU's first window, and who pays for each GPU window's time (`attribute`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf import unknown_fields
 
-from gpuledger.schema import GPU_WINDOW_SCHEMA, HIST_BUCKETS, PROC_WINDOW_SCHEMA
+from gpuledger.schema import ENDPOINT_WINDOW_SCHEMA, GPU_WINDOW_SCHEMA, HIST_BUCKETS, PROC_WINDOW_SCHEMA
 from gpuledger.v1 import telemetry_pb2 as pb
 
 MAX_ID = 128
@@ -44,8 +46,28 @@ class Limits:
 class Valid:
     batch: pb.WindowBatch
     gpu: pa.Table
-    proc: pa.Table
+    proc: pa.Table  # with active_attr_us, held_attr_us (see attribute)
     first_window_ms: dict  # per GPU UUID: its earliest window in this batch
+    endpoint: pa.Table | None = None
+    warnings: list = None  # accepted, with a note the agent is told in its acknowledgement
+    session_start_ms: int | None = None  # the batch's, once bounded by the ingest (None: as sent)
+    declared_first: dict | None = None  # per GPU: first_window_ms as declared, once bounded by the ingest
+
+    def __post_init__(self) -> None:
+        if self.warnings is None:
+            self.warnings = []
+        if self.endpoint is None:
+            self.endpoint = ENDPOINT_WINDOW_SCHEMA.empty_table()
+
+    @property
+    def rows(self) -> int:
+        return self.gpu.num_rows + self.proc.num_rows + self.endpoint.num_rows
+
+
+def clip(value: str, limit: int = 80) -> str:
+    """An untrusted string fit for a log line or an error message: at most `limit` characters."""
+    value = str(value)
+    return value if len(value) <= limit else f"{value[:limit]}...({len(value)} chars)"
 
 
 def _check_str(value: str, field: str, limit: int = MAX_STR, required: bool = False) -> None:
@@ -119,6 +141,15 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
     _check_str(batch.agent_id, "agent_id", MAX_ID, required=True)
     if batch.seq == 0:
         raise Invalid("seq: must be >= 1")
+    if batch.session_start_ms < 0:
+        raise Invalid(f"session_start_ms: {batch.session_start_ms} is negative")
+    if batch.session_start_ms > now_ms + limits.max_future_ms:
+        raise Invalid(f"session_start_ms: {batch.session_start_ms} is in the future (collector clock {now_ms})")
+    if batch.stopped_ms:
+        if batch.stopped_ms < 0 or batch.stopped_ms > now_ms + limits.max_future_ms:
+            raise Invalid(f"stopped_ms: {batch.stopped_ms} is negative or in the future (collector clock {now_ms})")
+        if batch.stopped_ms < batch.session_start_ms:
+            raise Invalid(f"stopped_ms: {batch.stopped_ms} is before session_start_ms {batch.session_start_ms}")
     h = batch.host
     _check_str(h.host_id, "host.host_id", MAX_ID, required=True)
     for name in ("hostname", "provider", "region", "instance_type", "agent_version"):
@@ -150,13 +181,34 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
         _check_tags(p.tags, f"processes[{i}].tags")
         procs.add((p.pid, p.start_ms))
 
-    gpu = _decode(batch.gpu_windows_arrow, GPU_WINDOW_SCHEMA, "gpu_windows", allow_empty=False)
+    stop_only = bool(batch.stopped_ms) and not batch.gpu_windows_arrow and not batch.proc_windows_arrow
+    gpu = _decode(batch.gpu_windows_arrow, GPU_WINDOW_SCHEMA, "gpu_windows", allow_empty=stop_only)
     proc = _decode(batch.proc_windows_arrow, PROC_WINDOW_SCHEMA, "proc_windows", allow_empty=True)
-    if gpu.num_rows + proc.num_rows > limits.max_batch_rows:
-        raise TooLarge(f"gpu_windows: {gpu.num_rows + proc.num_rows} rows, at most {limits.max_batch_rows}")
+    endpoint = _decode(batch.endpoint_windows_arrow, ENDPOINT_WINDOW_SCHEMA, "endpoint_windows", allow_empty=True)
+    if gpu.num_rows + proc.num_rows + endpoint.num_rows > limits.max_batch_rows:
+        raise TooLarge(f"gpu_windows: {gpu.num_rows + proc.num_rows + endpoint.num_rows} rows, at most "
+                       f"{limits.max_batch_rows}")
+    if endpoint.num_rows:
+        _validate_endpoint(endpoint, now_ms, limits)
+    if stop_only:
+        return Valid(batch, gpu, attribute(proc, gpu), {}, endpoint)
     if gpu.num_rows == 0:
         raise Invalid("gpu_windows: no rows")
     _validate_gpu(gpu, uuids, now_ms, limits)
+    if batch.session_start_ms:
+        ends = _col(gpu, "window_start_ms") + _col(gpu, "window_ms").astype(np.int64)
+        before = ends <= batch.session_start_ms
+        if before.any():
+            r = _first_bad(before)
+            raise Invalid(f"gpu_windows.window_start_ms: window at row {r} ends at {int(ends[r])}, before the "
+                          f"batch's session_start_ms {batch.session_start_ms}")
+    if batch.stopped_ms:
+        starts = _col(gpu, "window_start_ms")
+        after = starts >= batch.stopped_ms
+        if after.any():
+            r = _first_bad(after)
+            raise Invalid(f"gpu_windows.window_start_ms: window at row {r} starts at {int(starts[r])}, after the "
+                          f"batch's stopped_ms {batch.stopped_ms}")
     firsts = gpu.group_by("gpu_uuid").aggregate([("window_start_ms", "min")])
     earliest = dict(zip(firsts.column("gpu_uuid").to_pylist(), firsts.column("window_start_ms_min").to_pylist(),
                         strict=True))
@@ -166,7 +218,7 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
                           f"{earliest[g.uuid]} in the same batch")
     if proc.num_rows:
         _validate_proc(proc, gpu, uuids, procs)
-    return Valid(batch, gpu, proc, earliest)
+    return Valid(batch, gpu, attribute(proc, gpu), earliest, endpoint)
 
 
 def _col(t: pa.Table, name: str) -> np.ndarray:
@@ -181,7 +233,7 @@ def _validate_gpu(t: pa.Table, uuids: set, now_ms: int, limits: Limits) -> None:
     unknown = pc.invert(pc.is_in(t.column("gpu_uuid"), value_set=pa.array(sorted(uuids), pa.string())))
     if pc.any(unknown).as_py():
         row = _first_bad(np.asarray(unknown))
-        raise Invalid(f"{f}gpu_uuid: {t.column('gpu_uuid')[row].as_py()!r} at row {row} is not in gpus")
+        raise Invalid(f"{f}gpu_uuid: {clip(t.column('gpu_uuid')[row].as_py())!r} at row {row} is not in gpus")
     start = _col(t, "window_start_ms")
     win = _col(t, "window_ms").astype(np.int64)
     if (win == 0).any():
@@ -238,9 +290,104 @@ def _validate_gpu(t: pa.Table, uuids: set, now_ms: int, limits: Limits) -> None:
         if (v > win).any():
             raise Invalid(f"{f}{name}: exceeds window_ms at row {_first_bad(v > win)}")
     codes = pc.dictionary_encode(t.column("gpu_uuid")).combine_chunks().indices.to_numpy().astype(np.int64)
-    key = codes * (1 << 42) + start // win
-    if np.unique(key).size != key.size:
-        raise Invalid(f"{f}(gpu_uuid, window_start_ms): duplicate window in one batch")
+    order = np.lexsort((start, codes))
+    c, s_, w_ = codes[order], start[order], win[order]
+    same = c[1:] == c[:-1]
+    dup = same & (s_[1:] == s_[:-1])
+    if dup.any():
+        r = int(order[1:][dup][0])
+        raise Invalid(f"{f}(gpu_uuid, window_start_ms): duplicate window at row {r} "
+                      f"({clip(t.column('gpu_uuid')[r].as_py())}, {int(start[r])})")
+    overlap = same & (s_[1:] < s_[:-1] + w_[:-1])
+    if overlap.any():
+        j = int(np.flatnonzero(overlap)[0])
+        a, b = int(order[j]), int(order[j + 1])
+        raise Invalid(f"{f}window_start_ms: window at row {b} ({int(start[b])}, {int(win[b])} ms) overlaps the "
+                      f"window at row {a} ({int(start[a])}, {int(win[a])} ms) of GPU "
+                      f"{clip(t.column('gpu_uuid')[a].as_py())}")
+
+
+def _validate_endpoint(t: pa.Table, now_ms: int, limits: Limits) -> None:
+    f = "endpoint_windows."
+    for name in ("endpoint", "server"):
+        col = t.column(name)
+        if col.null_count:
+            raise Invalid(f"{f}{name}: null at row {_first_bad(np.asarray(col.is_null()))}")
+        lengths = pc.utf8_length(col).to_numpy(zero_copy_only=False)
+        bad = (lengths == 0) | (lengths > MAX_ID)
+        if bad.any():
+            raise Invalid(f"{f}{name}: empty or over {MAX_ID} characters at row {_first_bad(bad)}")
+        for v in pc.unique(col).to_pylist():
+            _check_str(v, f"{f}{name}", MAX_ID)
+    start = _col(t, "window_start_ms")
+    win = _col(t, "window_ms").astype(np.int64)
+    if (win == 0).any() or (win > 3_600_000).any():
+        raise Invalid(f"{f}window_ms: 0 or over one hour at row {_first_bad((win == 0) | (win > 3_600_000))}")
+    if (start < 0).any() or (start % win != 0).any():
+        raise Invalid(f"{f}window_start_ms: negative or not a multiple of window_ms at row "
+                      f"{_first_bad((start < 0) | (start % win != 0))}")
+    future = start > now_ms + limits.max_future_ms - win
+    if future.any():
+        raise Invalid(f"{f}window_start_ms: in the future (collector clock {now_ms}) at row {_first_bad(future)}")
+    scraped = _col(t, "scraped_ms").astype(np.int64)
+    if (scraped > win).any():
+        raise Invalid(f"{f}scraped_ms: exceeds window_ms at row {_first_bad(scraped > win)}")
+    key = pa.table({"e": t.column("endpoint"), "s": t.column("window_start_ms")})
+    if key.group_by(["e", "s"]).aggregate([]).num_rows != t.num_rows:
+        raise Invalid(f"{f}(endpoint, window_start_ms): duplicate window in one batch")
+
+
+def _largest_remainder(exact: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Round non-negative parts to integers so that each group's parts sum to the rounded group total
+    (Hamilton's method: floors, then one more unit to the largest fractional parts)."""
+    floor = np.floor(exact)
+    frac = exact - floor
+    target = np.rint(np.bincount(group, weights=exact, minlength=n_groups))
+    deficit = (target - np.bincount(group, weights=floor, minlength=n_groups)).astype(np.int64)
+    order = np.lexsort((-frac, group))
+    g_sorted = group[order]
+    first = np.searchsorted(g_sorted, g_sorted, side="left")
+    rank = np.arange(order.size) - first
+    out = floor.astype(np.int64)
+    out[order] += (rank < deficit[g_sorted]).astype(np.int64)
+    return out
+
+
+def attribute(proc: pa.Table, gpu: pa.Table) -> pa.Table:
+    """Who pays for each GPU window's time, per process window (known when the batch arrives).
+
+    Active time (busy_ms of the GPU window) is split among its processes by their busy share, or by
+    held share when no process reported utilization; idle-held time by held share. In microseconds,
+    rounded so that the parts add up exactly to the GPU window's time. What no process accounts for
+    (a GPU window without process windows) is the host owner's, decided at report time."""
+    n = proc.num_rows
+    if n == 0:
+        return proc.append_column("active_attr_us", pa.array([], pa.uint32())).append_column(
+            "held_attr_us", pa.array([], pa.uint32()))
+    codes_g = pc.index_in(gpu.column("gpu_uuid"), value_set=pc.unique(gpu.column("gpu_uuid")))
+    values = pc.unique(gpu.column("gpu_uuid"))
+    gkey = codes_g.to_numpy(zero_copy_only=False).astype(np.int64) * (1 << 42) + gpu.column(
+        "window_start_ms").to_numpy().astype(np.int64)
+    pkey = pc.index_in(proc.column("gpu_uuid"), value_set=values).to_numpy(zero_copy_only=False).astype(
+        np.int64) * (1 << 42) + proc.column("window_start_ms").to_numpy().astype(np.int64)
+    order = np.argsort(gkey, kind="stable")
+    pos = np.searchsorted(gkey[order], pkey)
+    gi = order[np.minimum(pos, order.size - 1)]  # validated: every process window has its GPU window
+    ng = gpu.num_rows
+    held = proc.column("held_ms").to_numpy().astype(np.float64)
+    busy = proc.column("busy_ms").to_numpy().astype(np.float64)
+    busy_total = np.bincount(gi, weights=busy, minlength=ng)
+    held_total = np.bincount(gi, weights=held, minlength=ng)
+    g_busy = gpu.column("busy_ms").to_numpy().astype(np.float64)[gi]
+    g_held = gpu.column("idle_held_ms").to_numpy().astype(np.float64)[gi]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share_a = np.where(busy_total[gi] > 0, busy / np.maximum(busy_total[gi], 1), held / np.maximum(
+            held_total[gi], 1))
+        share_h = held / np.maximum(held_total[gi], 1)
+    active = _largest_remainder(g_busy * 1000.0 * share_a, gi, ng)
+    idle = _largest_remainder(g_held * 1000.0 * share_h, gi, ng)
+    return proc.append_column("active_attr_us", pa.array(active.astype(np.uint32), pa.uint32())).append_column(
+        "held_attr_us", pa.array(idle.astype(np.uint32), pa.uint32()))
 
 
 def _validate_proc(t: pa.Table, gpu: pa.Table, uuids: set, procs: set) -> None:
@@ -273,5 +420,5 @@ def _validate_proc(t: pa.Table, gpu: pa.Table, uuids: set, procs: set) -> None:
     orphan = ~np.isin(proc_key, gpu_key)
     if orphan.any():
         r = _first_bad(orphan)
-        raise Invalid(f"{f}window_start_ms: {int(start[r])} for GPU {t.column('gpu_uuid')[r].as_py()!r} at row {r} "
+        raise Invalid(f"{f}window_start_ms: {int(start[r])} for GPU {clip(t.column('gpu_uuid')[r].as_py())!r} at row {r} "
                       "has no GPU window in this batch")

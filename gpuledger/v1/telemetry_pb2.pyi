@@ -160,3 +160,23 @@ class ReportReply(_message.Message):
     since_ms: int
     until_ms: int
     def __init__(self, arrow: _Optional[bytes] = ..., currency: _Optional[str] = ..., pricing_source: _Optional[str] = ..., since_ms: _Optional[int] = ..., until_ms: _Optional[int] = ...) -> None: ...
+
+class RetireRequest(_message.Message):
+    __slots__ = ("host_id", "at_ms", "note")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    at_ms: int
+    note: str
+    def __init__(self, host_id: _Optional[str] = ..., at_ms: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class RetireReply(_message.Message):
+    __slots__ = ("host_id", "at_ms", "state")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    at_ms: int
+    state: str
+    def __init__(self, host_id: _Optional[str] = ..., at_ms: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...

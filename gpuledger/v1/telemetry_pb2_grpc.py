@@ -169,3 +169,77 @@ class Query:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Retire = channel.unary_unary(
+                '/gpuledger.v1.Admin/Retire',
+                request_serializer=gpuledger_dot_v1_dot_telemetry__pb2.RetireRequest.SerializeToString,
+                response_deserializer=gpuledger_dot_v1_dot_telemetry__pb2.RetireReply.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Retire(self, request, context):
+        """The host is gone: from at_ms on, its silence is no longer counted as unmonitored time.
+        Windows it sends later bring it back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Retire': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retire,
+                    request_deserializer=gpuledger_dot_v1_dot_telemetry__pb2.RetireRequest.FromString,
+                    response_serializer=gpuledger_dot_v1_dot_telemetry__pb2.RetireReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'gpuledger.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('gpuledger.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Retire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuledger.v1.Admin/Retire',
+            gpuledger_dot_v1_dot_telemetry__pb2.RetireRequest.SerializeToString,
+            gpuledger_dot_v1_dot_telemetry__pb2.RetireReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -168,7 +168,11 @@ def test_agent_sigkill_then_restart_replays_spool_and_reports_gap_as_unmonitored
         # ...and never idle: the inference profile holds its GPUs, so no idle-free time at all
         assert row["idle_free_hours"] == 0
         total = row["active_hours"] + row["idle_held_hours"] + row["idle_free_hours"] + row["unmonitored_hours"]
-        assert total == pytest.approx(2 * (until - since) / 3.6e6, rel=0.01)
+        # the SIGTERM is a stop on purpose: expected time ends there, not at the end of the last window
+        assert row["state"] == "stopped"
+        stop = min(until, row["state_since_ms"])
+        assert stop > until - 2000
+        assert total == pytest.approx(2 * (stop - since) / 3.6e6, rel=0.01)
         assert stored(store, "killed-agent")[0] == stored(store, "killed-agent")[1]
     finally:
         c.stop(grace_s=1)

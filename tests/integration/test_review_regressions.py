@@ -22,7 +22,8 @@ from gpuledger.agent.windows import Windower
 from gpuledger.clock import SimClock, WallClock
 from gpuledger.collector.pricing import Pricing
 from gpuledger.collector.reports import cost_rows, idle_rows
-from gpuledger.collector.server import Collector, Writer
+from gpuledger.collector.server import Collector
+from gpuledger.collector.writer import Writer
 from gpuledger.collector.validate import validate
 from gpuledger.config import AgentConfig
 from gpuledger.v1 import telemetry_pb2 as pb
@@ -47,7 +48,8 @@ def batch(host, gpus, readings, start_ms, end_ms, seq=1, first_windows=None):
 
 
 def ingest(store, batches):
-    writer = Writer(store, WallClock(), 10**6, 0.01, 10**7)
+    """Store batches as received at NOW_MS by the collector's clock."""
+    writer = Writer(store, SimClock(NOW_MS * 1000), 10**6, 0.01, 10**7)
     for b in batches:
         assert writer._insert([validate(b, NOW_MS)]) is None
 
@@ -78,7 +80,10 @@ def test_missing_time_is_priced_in_its_own_price_period(store):
     p.set_gpu_price("host", "h1", 1.0)
     p.set_gpu_price("host", "h1", 100.0, effective_from=datetime.fromtimestamp((BASE + 100_000) / 1000, UTC))
     p.set_gpu_price("host", "h2", 1.0)
-    h1 = next(r for r in idle_rows(store, p, BASE, BASE + 400_000, "host", {}) if r["host"] == "h1")
+    # five minutes after its last batch arrived, h1's silence is unmonitored on its own timeline
+    h1 = next(r for r in idle_rows(store, p, BASE, BASE + 400_000, "host", {}, now_ms=NOW_MS + 300_000)
+              if r["host"] == "h1")
+    assert h1["state"] == "silent" and h1["state_since_ms"] == BASE + 100_000
     assert _secs(h1, "unmonitored_hours") == pytest.approx(300)
     assert h1["unmonitored_cost"] == pytest.approx(300 / 3600 * 100)
     assert h1["idle_cost"] == pytest.approx(100 / 3600 * 1)
@@ -116,6 +121,8 @@ def test_an_agent_restarted_inside_a_window_keeps_what_it_measured(tmp_path):
         b = pb.WindowBatch.FromString(spool2.read(rec))
         from gpuledger.schema import from_ipc
 
+        if b.stopped_ms and not b.gpu_windows_arrow:  # each run's stop batch
+            continue
         starts += from_ipc(b.gpu_windows_arrow).column("window_start_ms").to_pylist()
     assert len(starts) == len(set(starts))  # every window once across the restart
     assert (start + 10_000_000) // 1000 in starts and (start + 20_000_000) // 1000 in starts
@@ -137,7 +144,7 @@ def test_process_keys_do_not_grow_while_a_process_runs():
     assert len(w._proc_key_list) <= 14 and len(w._identities) <= 14
 
 
-def test_an_oversized_batch_is_dead_lettered_and_nothing_else_is_lost(store, tmp_path):
+def test_an_oversized_batch_is_split_and_nothing_else_waits(store, tmp_path):
     c = Collector(store, Pricing.default(), listen="127.0.0.1:0", max_batch_bytes=20_000)
     c.start()
     try:
@@ -152,12 +159,54 @@ def test_an_oversized_batch_is_dead_lettered_and_nothing_else_is_lost(store, tmp
         sh = Shipper(c.address, spool, ack_timeout_s=5).start()
         assert sh.drain(30)
         sh.close()
-        assert (sh.stats.rejected, spool.dead_lettered) == (1, 1)
-        assert b"at most 20000" in (tmp_path / "spool" / "deadletter.log").read_bytes()
+        # the shipper learned the collector's limit and split the batch: nothing dead-lettered, nothing lost
+        assert sh.max_batch_bytes == 20_000 and sh.stats.split == 1
+        assert (sh.stats.rejected, spool.dead_lettered) == (0, 0)
+        assert b"replaced by seq 4.." in (tmp_path / "spool" / "deadletter.log").read_bytes()
         seqs = [r[0] for r in store.query_rows("SELECT seq FROM gpuledger.agent_batches ORDER BY seq")]
-        assert seqs == [1, 3]
+        assert seqs[:2] == [1, 3] and len(seqs) > 3
+        assert store.query_rows("SELECT count() FROM gpuledger.gpu_windows FINAL WHERE host_id = 'big-h'")[0][0] == 372
     finally:
         c.stop(grace_s=1)
+
+
+def test_a_batch_refused_by_the_transport_is_split_not_resent_forever(tmp_path):
+    """An older collector that does not say its limit: gRPC itself refuses the message and ends the
+    stream with no acknowledgement. The shipper learns a smaller limit and splits the batch."""
+    from concurrent import futures
+
+    import grpc
+
+    received = []
+
+    def stream(requests, context):
+        for raw in requests:
+            b = pb.WindowBatch.FromString(raw)
+            received.append(len(raw))
+            yield pb.Ack(seq=b.seq, code=0, stored_windows=1)
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", 30_000)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("gpuledger.v1.Telemetry", {
+        "Stream": grpc.stream_stream_rpc_method_handler(stream, request_deserializer=None,
+                                                        response_serializer=pb.Ack.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        big = batch("old-c", [A], util(0, BASE, BASE + 3_600_000, 50), BASE, BASE + 3_600_000, 1)
+        small = batch("old-c", [A], util(0, BASE + 3_600_000, BASE + 3_660_000, 50), BASE + 3_600_000,
+                      BASE + 3_660_000, 2)
+        assert big.ByteSize() > 30_000
+        spool.append(big.SerializeToString(), 360, seq=1)
+        spool.append(small.SerializeToString(), 6, seq=2)
+        sh = Shipper(f"127.0.0.1:{port}", spool, ack_timeout_s=5, backoff_initial_s=0.05, backoff_max_s=0.1).start()
+        assert sh.drain(30)
+        sh.close()
+        assert sh.stats.split >= 1 and spool.dead_lettered == 0
+        assert max(received) <= 30_000 and len(received) >= 3
+        assert sh.stats.sent < 20  # no endless resending
+    finally:
+        server.stop(0)
 
 
 def test_cost_allocation_still_adds_up(store):
@@ -208,8 +257,9 @@ def test_a_silent_host_counts_only_the_gpus_it_last_had(store):
                          2, {"GPU-B": BASE + 100_000}),
                    batch("h2", [C], util(0, BASE, BASE + 600_000, 100), BASE, BASE + 600_000, 1, {"GPU-C": BASE})])
     for f in ({}, {"host": "h1"}):
-        rows = [r for r in idle_rows(store, Pricing.default(), BASE + 300_000, BASE + 600_000, "gpu", f)
-                if r["host"] == "h1"]
+        # silent for 10 minutes by the collector's clock: its last GPU is unmonitored from its last window on
+        rows = [r for r in idle_rows(store, Pricing.default(), BASE + 300_000, BASE + 600_000, "gpu", f,
+                                     now_ms=NOW_MS + 600_000) if r["host"] == "h1"]
         assert {r["gpu_uuid"]: round(_secs(r, "unmonitored_hours")) for r in rows} == {"GPU-B": 300}
 
 

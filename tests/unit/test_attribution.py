@@ -153,7 +153,8 @@ def _run_agent(tmp_path, fake, source, clock, seconds, step_s=1.0, on_tick=None)
             on_tick(i + 1)
         agent.step()
     agent.close()
-    payloads = [spool.read(r) for r in spool.pending()]
+    # the batches with windows (the last one is the run's stop, which has none)
+    payloads = [spool.read(r) for r in spool.pending() if r.n_windows]
     spool.close()
     return payloads
 

@@ -65,7 +65,7 @@ def test_store_ddl_follows_partition_and_ttl_options():
     assert "PARTITION BY toYYYYMMDD(" in ddl[0] and "INTERVAL 30 DAY" in ddl[0]
     ddl = Store._ddl_for(type("S", (), {"opt": StoreOptions(cluster="c1"), "db": "g"})(), "gpu_windows")
     assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/g/gpu_windows_local', '{replica}')" in ddl[0]
-    assert "ON CLUSTER 'c1'" in ddl[0] and "ENGINE = Distributed('c1', 'g', 'gpu_windows_local', rand())" in ddl[1]
+    assert "ON CLUSTER 'c1'" in ddl[0] and "ENGINE = Distributed('c1', 'g', 'gpu_windows_local', cityHash64(host_id))" in ddl[1]
 
 
 def test_collector_validation(tmp_path):
