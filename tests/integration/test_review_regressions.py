@@ -23,8 +23,8 @@ from gpuledger.clock import SimClock, WallClock
 from gpuledger.collector.pricing import Pricing
 from gpuledger.collector.reports import cost_rows, idle_rows
 from gpuledger.collector.server import Collector
-from gpuledger.collector.writer import Writer
 from gpuledger.collector.validate import validate
+from gpuledger.collector.writer import Writer
 from gpuledger.config import AgentConfig
 from gpuledger.v1 import telemetry_pb2 as pb
 
