@@ -156,8 +156,8 @@ def table(rows, bucket_h: float, slip: bool = False) -> str:
         out.append(f"| {r['profile']} | {r['driver_period']} | {r['method']} |"
                    + (f" {100 * r['slip']:.1f} % |" if slip else "")
                    + f" {100 * r['idle_share_mean']:.1f} % | {100 * r['idle_share_min']:.1f} % "
-                   f"| {100 * r['idle_share_max']:.1f} % | {r['worst_error_points']:.1f} "
-                   f"| {r['worst_bucket_error_points']:.1f} |")
+                   f"| {100 * r['idle_share_max']:.1f} % | {r['worst_error_points']:.2f} "
+                   f"| {r['worst_bucket_error_points']:.2f} |")
     return "\n".join(out)
 
 
