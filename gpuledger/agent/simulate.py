@@ -6,6 +6,11 @@ Profiles:
 - notebook: a kernel holds the GPU all day, with rare bursts of work;
 - inference: an endpoint holds the GPU, utilization follows a diurnal traffic curve;
 - idle: no process at all;
+- bursty profiles, each derived from an exact busy-interval model (see `BURSTY`): a training
+  loop of 45 s compute / 15 s input stall, a data-loader loop of 8 s / 2 s, and inference
+  requests arriving as a Poisson process, each keeping the GPU busy for a short random time.
+  Each of their samples is the busy fraction of its driver period, rounded to an integer percent
+  as NVML reports it, and `SimulatedSource.busy_us` gives the exact busy time of any interval;
 plus NVML outages (no readings at all) on some GPUs, which must show up as unmonitored.
 
 The source keeps its own ground truth (active / idle-held / idle-free / unmonitored seconds per
@@ -45,7 +50,37 @@ GPU_MODELS = {
     "T4": (16, 10, 70, 1_000_000),
     "V100": (16, 40, 300, 1_000_000),
 }
-PROFILES = ("training", "notebook", "inference", "idle")
+FLEET_PROFILES = ("training", "notebook", "inference", "idle")  # what `simulated_fleet` draws from
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A GPU busy for `on_s`, then idle for `off_s`, repeating from the source's start."""
+
+    on_s: float
+    off_s: float
+
+
+@dataclass(frozen=True)
+class Poisson:
+    """Requests arriving at `rate_per_s` (a Poisson process); each keeps the GPU busy for a
+    log-normal time (median `median_ms`, shape `sigma`, capped at `max_ms`). The GPU is busy
+    while at least one request is in flight (the union of the requests' intervals)."""
+
+    rate_per_s: float
+    median_ms: float
+    sigma: float
+    max_ms: float = 2000.0
+
+
+# Bursty profiles: GPUs held all the time, utilization from an exact busy-interval model.
+BURSTY = {
+    "training_45_15": Loop(on_s=45.0, off_s=15.0),  # training step loop with a 15 s input stall
+    "dataloader_8_2": Loop(on_s=8.0, off_s=2.0),  # 8 s compute, 2 s waiting on the data loader
+    "inference_poisson": Poisson(rate_per_s=3.0, median_ms=60.0, sigma=0.8),  # a lightly loaded endpoint
+}
+PROFILES = FLEET_PROFILES + tuple(BURSTY)
+_POISSON_BLOCK_US = 60_000_000  # requests are drawn per block of the source's time, one seed each
 
 
 Truth = StateSeconds  # the simulator's ground truth per GPU
@@ -66,6 +101,10 @@ class _State:
     last_gauge_us: int = 0
     job_pid: int = 0
     job_start_us: int = -1
+
+
+_WORKLOAD = {"training": "train", "notebook": "notebook", "inference": "inference",
+             "training_45_15": "train", "dataloader_8_2": "train", "inference_poisson": "inference"}
 
 
 def _stable_seed(*parts) -> int:
@@ -101,6 +140,7 @@ class SimulatedSource:
         self.truth = [Truth() for _ in gpus]
         self._truth_until_us = self.start_us
         self._closed = False
+        self._poisson_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     # -- GpuSource
     def gpus(self) -> list[GpuFacts]:
@@ -192,25 +232,102 @@ class SimulatedSource:
             traffic = 0.45 + 0.4 * np.sin(2 * math.pi * (day - 0.3))
             pct = np.clip(rng.normal(traffic * 100, 6, n), 0, 100)
             job[:] = 1
+        elif spec.profile in BURSTY:
+            held = np.ones(n, bool)
+            busy = self.busy_us(g, ends - self.period_us, ends)
+            pct = 100.0 * busy / self.period_us  # exact busy fraction of each driver period
+            job[:] = 1
         else:  # idle
             held = np.zeros(n, bool)
             pct = np.zeros(n)
         return np.rint(pct), held, job
 
+    # -- exact busy-interval model of the bursty profiles
+    def busy_intervals(self, g: int, t0_us: int, t1_us: int) -> tuple[np.ndarray, np.ndarray]:
+        """Disjoint, sorted busy intervals [start, end) of GPU `g` (a bursty profile), clipped to
+        [t0_us, t1_us): the exact ground truth its samples are derived from."""
+        a, b = self._intervals(g, int(t0_us), int(t1_us))
+        a, b = np.maximum(a, t0_us), np.minimum(b, t1_us)
+        keep = b > a
+        return a[keep], b[keep]
+
+    def busy_us(self, g: int, t0_us, t1_us) -> np.ndarray:
+        """Exact busy microseconds of GPU `g` (a bursty profile) in each interval [t0_us, t1_us)."""
+        t0 = np.atleast_1d(np.asarray(t0_us, np.int64))
+        t1 = np.atleast_1d(np.asarray(t1_us, np.int64))
+        if t0.size == 0:
+            return np.zeros(0, np.int64)
+        if np.any(t1 < t0):
+            raise ValueError("busy_us: every interval needs t1_us >= t0_us")
+        lo, hi = int(t0.min()), int(t1.max())
+        a, b = self._intervals(g, lo, hi)
+        if a.size == 0:
+            return np.zeros(t0.size, np.int64)
+        cum = np.concatenate(([0], np.cumsum(b - a)[:-1]))  # busy time before each interval starts
+
+        def upto(t):  # busy time from a[0] to t
+            i = np.searchsorted(a, t, side="right") - 1  # the last interval starting at or before t
+            j = np.maximum(i, 0)
+            return np.where(i >= 0, cum[j] + np.clip(t - a[j], 0, b[j] - a[j]), 0)
+
+        return (upto(t1) - upto(t0)).astype(np.int64)
+
+    def _intervals(self, g: int, lo_us: int, hi_us: int) -> tuple[np.ndarray, np.ndarray]:
+        """Busy intervals of GPU g that may overlap [lo_us, hi_us), in absolute microseconds."""
+        model = BURSTY.get(self.spec[g].profile)
+        if model is None:
+            raise ValueError(f"GPU {g}: profile {self.spec[g].profile!r} has no busy-interval model "
+                             f"(one of {tuple(BURSTY)})")
+        if isinstance(model, Loop):
+            on, cyc = int(round(model.on_s * 1e6)), int(round((model.on_s + model.off_s) * 1e6))
+            k = np.arange((lo_us - self.start_us) // cyc, (hi_us - self.start_us) // cyc + 1, dtype=np.int64)
+            a = self.start_us + k * cyc
+            return a, a + on
+        max_us = int(round(model.max_ms * 1000))
+        k0 = (lo_us - max_us - self.start_us) // _POISSON_BLOCK_US  # earlier requests cannot reach lo_us
+        k1 = (hi_us - 1 - self.start_us) // _POISSON_BLOCK_US
+        parts = [self._poisson_block(g, model, k) for k in range(int(k0), int(k1) + 1)]
+        a = np.concatenate([p[0] for p in parts])
+        b = np.concatenate([p[1] for p in parts])
+        if a.size == 0:
+            return a, b
+        # union of the requests' intervals (arrivals are sorted): a new busy run starts where an
+        # arrival comes after every earlier request has finished
+        run_end = np.maximum.accumulate(b)
+        first = np.concatenate(([True], a[1:] > run_end[:-1]))
+        last = np.concatenate((first[1:], [True]))
+        return a[first], run_end[last]
+
+    def _poisson_block(self, g: int, model: Poisson, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Requests arriving in block k of the source's time: (arrival, end) in absolute us."""
+        hit = self._poisson_cache.get((g, k))
+        if hit is not None:
+            return hit
+        rng = np.random.default_rng(_stable_seed(self.seed, self.host_id, g, "poisson", k))
+        n = int(rng.poisson(model.rate_per_s * _POISSON_BLOCK_US / 1e6))
+        arrive = self.start_us + k * _POISSON_BLOCK_US + np.sort(rng.integers(0, _POISSON_BLOCK_US, n))
+        service = np.rint(rng.lognormal(math.log(model.median_ms * 1000), model.sigma, n))
+        service = np.clip(service, 1, int(round(model.max_ms * 1000))).astype(np.int64)
+        out = (arrive.astype(np.int64), arrive + service)
+        if len(self._poisson_cache) > 512:  # a poll touches one or two blocks; keep memory flat
+            self._poisson_cache.clear()
+        self._poisson_cache[(g, k)] = out
+        return out
+
     def _identity(self, g: int, spec: SimGpu, job: int) -> ProcessIdentity:
         pid = 1000 + (_stable_seed(self.host_id, g, job) % 60000)
         start_ms = (self.start_us // 1000) + (job - 1) * 8 * 3600 * 1000 if spec.profile == "training" else (
             self.start_us // 1000 - 3600_000)
-        workload = {"training": "train", "notebook": "notebook", "inference": "inference"}[spec.profile]
+        workload = _WORKLOAD[spec.profile]
         tags = [("team", spec.team), ("project", spec.project), ("workload", workload),
-                ("phase", "production" if spec.profile == "inference" else "experiment")]
+                ("phase", "production" if workload == "inference" else "experiment")]
         if spec.profile == "training":
             tags.append(("mlflow_run_id", f"run-{self.host_id}-{g}-{job}"))
-        if spec.profile == "inference":
+        if workload == "inference":
             tags.append(("endpoint", f"{spec.project}-endpoint"))
         return ProcessIdentity(pid=int(pid), start_ms=int(start_ms),
-                               command={"training": "python train.py", "notebook": "jupyter-kernel",
-                                        "inference": "vllm serve"}[spec.profile],
+                               command={"train": "python train.py", "notebook": "jupyter-kernel",
+                                        "inference": "vllm serve"}[workload],
                                container_id=f"sim{_stable_seed(self.host_id, g, job) % 10**12:012x}",
                                tags=tuple(sorted(tags)))
 
@@ -265,7 +382,8 @@ def simulated_fleet(n_hosts: int = 8, seed: int = 7) -> list[SimHost]:
         provider, region, itype, model, count = _FLEET_SHAPES[h % len(_FLEET_SHAPES)]
         gpus = []
         for g in range(count):
-            profile = PROFILES[int(rng.integers(0, len(PROFILES)))] if count > 1 else PROFILES[h % 4]
+            profile = (FLEET_PROFILES[int(rng.integers(0, len(FLEET_PROFILES)))] if count > 1
+                       else FLEET_PROFILES[h % 4])
             team, project = _TEAMS[int(rng.integers(0, len(_TEAMS)))]
             outage = (3 * 3600.0, 3 * 3600.0 + 1200.0) if (h == 1 and g == 0) else None
             gpus.append(SimGpu(profile=profile, team=team, project=project, outage=outage))
