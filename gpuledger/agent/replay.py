@@ -14,18 +14,18 @@ timestamp with its own offset (ISO 8601, `+09:00` or `Z`) or a Unix time in seco
 the wrong zone: it is refused before anything is sent, with the hint to pass `--timezone`.
 
 The rules (exact; README "Backfilling from logs you already have" states the same):
-- each line covers the interval since the previous line of the same GPU, whatever the interval;
-  a GPU's first line only marks where its log starts. The log's end is the end of what is
-  known: nothing is expected after its last line, nor before its first (the replay's session
-  starts at the first line's timestamp and stops at the last line's);
-- utilization.gpu % of that interval is active (NVML's definition: the share of the time a
+- each line covers the time since the previous line of the same GPU, whatever the interval;
+  a GPU's first line only marks where its log starts;
+- its utilization.gpu % of that time is active (NVML's definition: the share of the time a
   kernel ran), spread evenly over the interval;
-- a gap longer than three logging intervals (the median spacing of that GPU's lines) is
-  unmonitored, and so is an interval whose line has no utilization value;
-- the log has no process data, so the rest of each interval is idle-held when the line's
-  memory.used is at least the threshold (default 1024 MiB) or the line is above 0 % (a kernel
+- a gap longer than three logging intervals (the median spacing of that GPU's lines), or a line
+  without a utilization value, is unmonitored;
+- without process data the rest of the interval is idle-held when the line's memory used is at
+  least 1024 MiB (the threshold, `--idle-mem-threshold-mib`) or the line is above 0 % (a kernel
   ran, so a process held the GPU), else idle-free;
-- a malformed line is reported with its line number and skipped; the rest is still imported.
+- the log's end is the end of what is known: no time is expected after its last line, nor
+  before its first (the replay's session starts at the first line and stops at the last);
+- malformed lines are reported with their line numbers and skipped; the rest is still imported.
 
 Exact for any step: the replay drives the same Agent, Windower, Spool and Shipper as the daemon,
 on a SimClock stepped through the log's time. Each poll hands out every line's interval up to
@@ -49,7 +49,7 @@ import tempfile
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -173,7 +173,7 @@ def _timestamp_us(raw: str, tz: ZoneInfo, after_us: int | None = None) -> tuple[
 
 def _us(dt: datetime) -> int:
     """Exact microseconds since the epoch (no float rounding)."""
-    d = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    d = dt - datetime(1970, 1, 1, tzinfo=UTC)
     return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
 
@@ -449,7 +449,7 @@ def _deadletter_size(spool_dir: Path) -> int:
 
 
 def _iso(us: int) -> str:
-    return datetime.fromtimestamp(us / 1e6, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def check_not_ahead(parsed: ParsedLog, last_us: int, now_us: int, path: str | Path) -> None:

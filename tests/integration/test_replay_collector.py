@@ -3,7 +3,7 @@ replay's one-pass truth; a refused batch is reported with the collector's own re
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -51,7 +51,7 @@ def test_a_refused_batch_is_reported_with_the_collectors_reason(collector, tmp_p
     log = tmp_path / "future.csv"
     log.write_text("timestamp, utilization.gpu [%], memory.used [MiB]\n"
                    "2099/01/01 00:00:00.000, 50 %, 2000 MiB\n2099/01/01 00:00:05.000, 50 %, 2000 MiB\n")
-    clock = SimClock(int(datetime(2099, 1, 1, 1, tzinfo=timezone.utc).timestamp() * 1e6))
+    clock = SimClock(int(datetime(2099, 1, 1, 1, tzinfo=UTC).timestamp() * 1e6))
     s = replay(log, _cfg("future-host", collector), spool_dir=tmp_path / "spool", wall_clock=clock,
                drain_timeout_s=30)
     assert not s.complete and s.rejected_batches == 1 and s.pending_batches == 0 and not s.unreachable

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ def write_log(path: Path, gpus: list[list[Line]]) -> Path:
     rows = sorted((ts, g, pct, mem) for g, lines in enumerate(gpus) for ts, pct, mem in lines)
     out = ["timestamp, index, utilization.gpu [%], memory.used [MiB]"]
     for ts, g, pct, mem in rows:
-        t = datetime.fromtimestamp(ts // 1000, timezone.utc)
+        t = datetime.fromtimestamp(ts // 1000, UTC)
         out.append(f"{t:%Y/%m/%d %H:%M:%S}.{ts % 1000:03d}, {g}, {'[N/A]' if pct is None else f'{pct:g} %'}, "
                    f"{'[N/A]' if mem is None else f'{mem:g} MiB'}")
     path.write_text("\n".join(out) + "\n")

@@ -3,7 +3,7 @@ they come in: no GPU column, columns in any order, noheader with --columns, zone
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,15 @@ import typer
 from typer.testing import CliRunner
 
 from gpuledger.agent.cli_nvml import replay as replay_cmd
-from gpuledger.agent.replay import (ReplayError, ReplaySource, check_not_ahead, parse_columns, parse_log, replay,
-                                    zone)
+from gpuledger.agent.replay import (
+    ReplayError,
+    ReplaySource,
+    check_not_ahead,
+    parse_columns,
+    parse_log,
+    replay,
+    zone,
+)
 from gpuledger.agent.windows import Windower
 from gpuledger.clock import SimClock
 from gpuledger.config import AgentConfig
@@ -42,7 +49,7 @@ def one_pass(path: Path, columns: list[str] | None = None, threshold_mib: float 
     for line in lines:
         f = [x.strip() for x in line.split(",")]
         key = f[col["pci.bus_id"]] if "pci.bus_id" in col else f[col["index"]] if "index" in col else "gpu"
-        ts = datetime.strptime(f[col["timestamp"]], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)
+        ts = datetime.strptime(f[col["timestamp"]], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=UTC)
         pct = float(f[col["utilization.gpu"]].rstrip(" %"))
         mem = float(f[col["memory.used"]].split()[0]) if "memory.used" in col else None
         per_gpu.setdefault(key, []).append((ts.timestamp(), pct, mem))
@@ -199,7 +206,7 @@ def test_a_log_ahead_of_the_clock_is_refused_with_a_zone_hint(tmp_path):
     f = tmp_path / "tokyo.csv"
     f.write_text("timestamp, index, utilization.gpu [%], memory.used [MiB]\n"
                  "2026/11/02 17:00:00.000, 0, 50 %, 2000 MiB\n2026/11/02 17:00:05.000, 0, 50 %, 2000 MiB\n")
-    now_us = int(datetime(2026, 11, 2, 8, 1, tzinfo=timezone.utc).timestamp() * 1e6)
+    now_us = int(datetime(2026, 11, 2, 8, 1, tzinfo=UTC).timestamp() * 1e6)
     parsed = parse_log(f)
     with pytest.raises(ReplayError, match=r"9\.0 h ahead of this machine's clock.*--timezone.*Etc/GMT-9"):
         check_not_ahead(parsed, parsed.gpus[0].ts[-1], now_us, f)
@@ -237,3 +244,28 @@ def test_cli_refuses_a_future_log_and_a_bad_zone_with_exit_2(tmp_path):
     assert res.exit_code == 2 and "--columns: no utilization.gpu column" in res.output
     res = CliRunner().invoke(_app(), ["replay", str(OMNIOPT), *ARGS])
     assert res.exit_code == 2 and "needs --columns" in res.output
+
+
+RULES = (
+    "each line covers the time since the previous line of the same GPU",
+    "utilization.gpu % of that time is active",
+    "a gap longer than three logging intervals (the median spacing of that GPU's lines), or a line without a "
+    "utilization value, is unmonitored",
+    "without process data the rest of the interval is idle-held when the line's memory used is at least 1024 MiB",
+    "or the line is above 0 % (a kernel ran, so a process held the GPU), else idle-free",
+    "the log's end is the end of what is known: no time is expected after its last line, nor before its first",
+    "malformed lines are reported with their line numbers and skipped",
+)
+
+
+def test_readme_and_module_docstring_state_the_same_rules():
+    import gpuledger.agent.replay as module
+
+    def norm(text: str) -> str:
+        return " ".join(text.replace("`", "").lower().split())
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Backfilling from logs you already have"):readme.index("## Reading the reports")]
+    for rule in RULES:
+        assert norm(rule) in norm(section), f"README lacks: {rule}"
+        assert norm(rule) in norm(module.__doc__), f"replay.py docstring lacks: {rule}"
