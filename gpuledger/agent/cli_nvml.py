@@ -44,8 +44,8 @@ def replay(
 
     Each line covers the time since the previous line of the same GPU; utilization % of it is
     active; a gap longer than three logging intervals is unmonitored; the rest is idle-held when
-    memory used reaches the threshold or the line is above 0 %, else idle-free. Nothing is
-    counted before the first line or after the last. Malformed lines are reported with their
+    memory used reaches the threshold or the line is above 0 %, else idle-free. No time is
+    expected before the first line or after the last. Malformed lines are reported with their
     line numbers and skipped. The summary states the time zone the timestamps were read in.
 
     Examples:

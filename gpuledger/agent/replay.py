@@ -507,8 +507,9 @@ class ReplaySummary:
         out = [f"replayed {self.file} as host {self.host_id}: {_iso(self.first_ms * 1000)} .. "
                f"{_iso(self.last_ms * 1000)}"]
         if self.zoned_lines:
-            out.append(f"  time zone: timestamps read as local time in {self.tz} (nvidia-smi prints the logging host's "
-                       "local time; pass --timezone Area/City if that host was elsewhere)")
+            out.append(f"  time zone: timestamps read as local time in {self.tz}; nvidia-smi prints the logging host's "
+                       f"local time, so if that host was not on {self.tz} pass its zone with --timezone "
+                       "(e.g. --timezone Europe/Berlin)")
         else:
             out.append("  time zone: every timestamp carries its own offset or is a Unix time; --timezone is not used")
         out.append(f"  lines: {self.lines} data lines, {self.imported} imported, {self.skipped} skipped"
