@@ -15,7 +15,7 @@ from gpuledger.config import ConfigError, load_agent
 
 
 def replay(
-    file: Annotated[Path, typer.Argument(help="nvidia-smi --format=csv log (with or without nounits).",
+    file: Annotated[Path, typer.Argument(help="nvidia-smi --format=csv log (with or without nounits or noheader).",
                                          exists=True, dir_okay=False, readable=True)],
     host: Annotated[str, typer.Option("--host", help="Host id the GPUs belong to (as the agent would report).")],
     provider: Annotated[str, typer.Option(help="Cloud provider (aws, gcp, azure, onprem, ...), for pricing.")],
@@ -27,28 +27,38 @@ def replay(
                                                        "everything is acknowledged. Never the live agent's.")] = None,
     idle_mem_threshold_mib: Annotated[int | None, typer.Option(
         help="A GPU at 0 % with at least this much memory used is idle-held, else idle-free (default 1024).")] = None,
-    timezone: Annotated[str, typer.Option(help="Time zone of the log's timestamps (nvidia-smi prints local "
-                                               "time), e.g. Europe/Berlin.")] = "UTC",
+    timezone: Annotated[str, typer.Option(help="Time zone of the log's timestamps: nvidia-smi prints the logging "
+                                               "host's local time without a zone (e.g. Europe/Berlin, Asia/Tokyo; "
+                                               "Etc/GMT-9 is UTC+9).")] = "UTC",
+    columns: Annotated[str | None, typer.Option(
+        help="Column names of a log without a header line (--format=csv,noheader), comma-separated in "
+             "--query-gpu order, e.g. timestamp,index,uuid,utilization.gpu,memory.used.")] = None,
+    gpu_uuid: Annotated[str | None, typer.Option(
+        help="UUID of the log's one GPU, for a log that names none (no uuid column).")] = None,
+    gpu_index: Annotated[int | None, typer.Option(
+        help="Index of the log's one GPU, for a log that names none (no index column).")] = None,
     config: Annotated[str | None, typer.Option(help="Agent TOML config (token, TLS, window size).")] = None,
     timeout_s: Annotated[float, typer.Option(help="How long to wait for the collector's acknowledgements.")] = 300.0,
 ) -> None:
     """Replay an nvidia-smi CSV log into the collector, then exit once everything is acknowledged.
 
-    Each line covers the time since the previous line of the same GPU; a gap longer than three
-    logging intervals is unmonitored; a GPU at 0 % counts idle-held when its memory used reaches
-    the threshold, else idle-free. Malformed lines are reported with their line numbers and skipped.
+    Each line covers the time since the previous line of the same GPU; utilization % of it is
+    active; a gap longer than three logging intervals is unmonitored; the rest is idle-held when
+    memory used reaches the threshold or the line is above 0 %, else idle-free. No time is
+    expected before the first line or after the last. Malformed lines are reported with their
+    line numbers and skipped. The summary states the time zone the timestamps were read in.
 
     Examples:
       nvidia-smi --query-gpu=timestamp,index,uuid,name,utilization.gpu,memory.used,memory.total,power.draw \\
           --format=csv -l 5 > gpus.csv
       gpuledger agent replay gpus.csv --host train-07 --provider aws --region us-east-1 \\
-          --instance-type p4d.24xlarge --collector collector.internal:4700
+          --instance-type p4d.24xlarge --collector collector.internal:4700 --timezone Europe/Berlin
       gpuledger agent replay old.csv --host lab-3 --provider onprem --region lab --instance-type dgx-a100 \\
-          --idle-mem-threshold-mib 2048 --timezone Europe/Berlin
+          --idle-mem-threshold-mib 2048 --timezone Asia/Tokyo
+      gpuledger agent replay raw.csv --columns timestamp,utilization.gpu,memory.used --gpu-index 0 \\
+          --host ws-1 --provider onprem --region lab --instance-type rtx4090-ws
     """
-    from zoneinfo import ZoneInfoNotFoundError
-
-    from gpuledger.agent.replay import ReplayError
+    from gpuledger.agent.replay import ReplayError, parse_columns
     from gpuledger.agent.replay import replay as run_replay
     from gpuledger.security import agent_channel
 
@@ -61,8 +71,9 @@ def replay(
         raise typer.Exit(2) from e
     try:
         summary = run_replay(file, cfg, spool_dir=spool_dir, tz=timezone, drain_timeout_s=timeout_s, token=token,
-                             channel_credentials=creds)
-    except (ReplayError, ZoneInfoNotFoundError, OSError) as e:
+                             channel_credentials=creds, columns=parse_columns(columns) if columns is not None else None,
+                             gpu_uuid=gpu_uuid or "", gpu_index=gpu_index)
+    except (ReplayError, OSError) as e:
         typer.echo(f"gpuledger agent replay: {e}", err=True)
         raise typer.Exit(2) from e
     typer.echo(summary.render())

@@ -104,7 +104,7 @@ def test_timestamps_are_read_in_the_given_time_zone():
 def test_a_log_without_header_or_utilization_cannot_be_replayed(tmp_path):
     f = tmp_path / "noheader.csv"
     f.write_text("2024/03/04 09:00:00.000, 0, 5 %, 100 MiB\n")
-    with pytest.raises(ReplayError, match="before a header"):
+    with pytest.raises(ReplayError, match="data before any header line.*--columns"):
         parse_log(f)
     f.write_text("timestamp, index, memory.used [MiB]\n2024/03/04 09:00:00.000, 0, 100 MiB\n")
     with pytest.raises(ReplayError, match="utilization.gpu"):
@@ -163,6 +163,7 @@ def test_replay_command_prints_the_summary_and_exits_once_acknowledged(collector
                                    "--idle-mem-threshold-mib", "100000"])
     assert res.exit_code == 0, res.output
     assert "21 imported, 4 skipped" in res.output
+    assert "timestamps read as local time in UTC" in res.output and "--timezone" in res.output
     assert "line 10: utilization.gpu: 'abc %' is not a number" in res.output
     assert "acknowledged 1 batches (12 windows)" in res.output
     # with a threshold above every memory reading, only the >0 % lines are held
@@ -182,3 +183,5 @@ def test_replay_command_without_a_collector_exits_non_zero(tmp_path):
                                    "--spool-dir", str(tmp_path / "spool"), "--timeout-s", "1"])
     assert res.exit_code == 1
     assert "NOT COMPLETE" in res.output and "1 batches still unacknowledged" in res.output
+    assert "the collector at 127.0.0.1:1 was unreachable (StatusCode.UNAVAILABLE" in res.output
+    assert "REJECTED" not in res.output
