@@ -285,6 +285,7 @@ class Agent:
             self.spool.append(encode_stop(self.agent_id, self.spool.epoch, self.spool.next_seq, self.host,
                                           self.session_start_ms, stopped_ms, now_us // 1000), 0,
                               seq=self.spool.next_seq)
+            self.batches_spooled += 1
             self.spool.mark_stopped(stopped_ms)
         except (SpoolFull, OSError) as e:  # then the collector sees silence, never idle time
             log.error("stop batch not spooled: %s", e)

@@ -54,10 +54,11 @@ def test_a_refused_batch_is_reported_with_the_collectors_reason(collector, tmp_p
     clock = SimClock(int(datetime(2099, 1, 1, 1, tzinfo=UTC).timestamp() * 1e6))
     s = replay(log, _cfg("future-host", collector), spool_dir=tmp_path / "spool", wall_clock=clock,
                drain_timeout_s=30)
-    assert not s.complete and s.rejected_batches == 1 and s.pending_batches == 0 and not s.unreachable
-    assert len(s.rejections) == 1 and "is in the future" in s.rejections[0][2]
+    # the batch and the stop that closes the replay both name a future time: both refused, with the reason
+    assert not s.complete and s.rejected_batches == 2 and s.pending_batches == 0 and not s.unreachable
+    assert len(s.rejections) == 2 and all("4070908800000 is in the future" in r[2] for r in s.rejections)
     text = s.render()
-    assert "REJECTED by the collector: 1 batches" in text
-    assert "window_start_ms: 4070908800000 is in the future" in text
+    assert "REJECTED by the collector: 2 batches" in text
+    assert "4070908800000 is in the future" in text
     assert "unreachable" not in text and "NOT COMPLETE: the batches above were refused" in text
     assert _stored(collector, "future-host")[3] == 0

@@ -165,7 +165,7 @@ def test_replay_command_prints_the_summary_and_exits_once_acknowledged(collector
     assert "21 imported, 4 skipped" in res.output
     assert "timestamps read as local time in UTC" in res.output and "--timezone" in res.output
     assert "line 10: utilization.gpu: 'abc %' is not a number" in res.output
-    assert "acknowledged 1 batches (12 windows)" in res.output
+    assert "12 windows in 2 batches; acknowledged 2 batches (12 windows)" in res.output  # the data and the stop
     # with a threshold above every memory reading, only the >0 % lines are held
     assert _stored(collector, "replayed-cli") == (2, (18.0, 22.0, 55.0, 25.0))
 
@@ -182,6 +182,6 @@ def test_replay_command_without_a_collector_exits_non_zero(tmp_path):
                                    "--instance-type", "p4d.24xlarge", "--collector", "127.0.0.1:1",
                                    "--spool-dir", str(tmp_path / "spool"), "--timeout-s", "1"])
     assert res.exit_code == 1
-    assert "NOT COMPLETE" in res.output and "1 batches still unacknowledged" in res.output
+    assert "NOT COMPLETE" in res.output and "2 batches still unacknowledged" in res.output
     assert "the collector at 127.0.0.1:1 was unreachable (StatusCode.UNAVAILABLE" in res.output
     assert "REJECTED" not in res.output
