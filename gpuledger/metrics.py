@@ -171,6 +171,21 @@ class GpuTotals:
                     dict(self.pods), self.windows)
 
 
+def _chain(prev: Callable | None, fn: Callable) -> Callable:
+    """A hook that calls `prev` (an existing hook, if any), then `fn`; a failure of `fn` is logged,
+    never raised into the daemon's pipeline that calls the hook."""
+
+    def hook(arg) -> None:
+        if prev is not None:
+            prev(arg)
+        try:
+            fn(arg)
+        except Exception:
+            log.exception("metrics hook failed")
+
+    return hook
+
+
 _TOTALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HOOK_LOCK = threading.Lock()
 
@@ -184,14 +199,7 @@ def gpu_totals(agent) -> GpuTotals:
         if t is None:
             t = _TOTALS[agent] = GpuTotals()
             if hasattr(agent, "on_closed"):
-                prev = agent.on_closed
-                if prev is None:
-                    agent.on_closed = t.feed
-                else:
-                    def both(closed, _prev=prev, _feed=t.feed):
-                        _prev(closed)
-                        _feed(closed)
-                    agent.on_closed = both
+                agent.on_closed = _chain(agent.on_closed, t.feed)
         return t
 
 
@@ -403,14 +411,7 @@ def insert_latency(writer) -> InsertLatency:
         if lat is None:
             lat = _LATENCY[writer] = InsertLatency()
             if hasattr(writer, "on_commit"):
-                prev = writer.on_commit
-                if prev is None:
-                    writer.on_commit = lat.observe
-                else:
-                    def both(seconds, _prev=prev, _obs=lat.observe):
-                        _prev(seconds)
-                        _obs(seconds)
-                    writer.on_commit = both
+                writer.on_commit = _chain(writer.on_commit, lat.observe)
                 lat.hooked = True
         return lat
 
