@@ -123,6 +123,7 @@ class GpuTotals:
         self.pods: dict[str, tuple[str, ...]] = {}  # uuid -> pod UIDs holding it in that window
         self.counted_until_ms: dict[str, int] = {}
         self.windows = 0
+        self.hooked = False  # fed by the agent's on_closed hook (see gpu_totals)
         self._last_fed = None
 
     def feed(self, closed) -> None:
@@ -186,21 +187,30 @@ def _chain(prev: Callable | None, fn: Callable) -> Callable:
     return hook
 
 
-_TOTALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HOOK_LOCK = threading.Lock()
+
+
+def _attached(table: weakref.WeakKeyDictionary, owner, hook: str, make: Callable, method: str):
+    """The one `make()` object of `owner`, kept in `table`; made on first use and, when the owner
+    has a `hook` attribute, fed through it (`obj.hooked` tells which)."""
+    with _HOOK_LOCK:
+        obj = table.get(owner)
+        if obj is None:
+            obj = table[owner] = make()
+            obj.hooked = hasattr(owner, hook)
+            if obj.hooked:
+                setattr(owner, hook, _chain(getattr(owner, hook), getattr(obj, method)))
+        return obj
+
+
+_TOTALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gpu_totals(agent) -> GpuTotals:
     """The one GpuTotals of an agent. If the agent has an `on_closed` hook (called with every Closed
     it closes), the totals are fed from it and count every window; otherwise they are fed at each
     scrape with `agent.last_closed`, and windows closed between scrapes by earlier steps are missed."""
-    with _HOOK_LOCK:
-        t = _TOTALS.get(agent)
-        if t is None:
-            t = _TOTALS[agent] = GpuTotals()
-            if hasattr(agent, "on_closed"):
-                agent.on_closed = _chain(agent.on_closed, t.feed)
-        return t
+    return _attached(_TOTALS, agent, "on_closed", GpuTotals, "feed")
 
 
 def _mig_profile(name: str) -> str:
@@ -406,14 +416,7 @@ _LATENCY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def insert_latency(writer) -> InsertLatency:
     """The one InsertLatency of a writer, hooked to its `on_commit` when it has that attribute."""
-    with _HOOK_LOCK:
-        lat = _LATENCY.get(writer)
-        if lat is None:
-            lat = _LATENCY[writer] = InsertLatency()
-            if hasattr(writer, "on_commit"):
-                writer.on_commit = _chain(writer.on_commit, lat.observe)
-                lat.hooked = True
-        return lat
+    return _attached(_LATENCY, writer, "on_commit", InsertLatency, "observe")
 
 
 class AgentLastBatch:
