@@ -7,14 +7,18 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gpuledger import __version__
 from gpuledger.agent.runtime import Agent
 from gpuledger.agent.shipper import Shipper
 from gpuledger.agent.simulate import SimGpu, SimulatedSource
 from gpuledger.agent.spool import Spool
 from gpuledger.clock import SimClock
+from gpuledger.collector.pricing import Pricing
+from gpuledger.collector.server import Collector
 from gpuledger.config import AgentConfig
 from gpuledger.metrics import agent_registry, collector_registry, serve
 from tests.helpers import aligned_start_us, replace_gpu_column, sim_batch
+from tests.integration.faults import FaultyStore
 from tests.integration.streams import send_batches
 
 
@@ -39,6 +43,17 @@ def test_collector_metrics_and_health(collector):
         assert m['gpuledger_collector_batches_rejected_total{reason="invalid"}'] == 1
         assert m['gpuledger_collector_insert_seconds_count'] >= 1
         assert m["gpuledger_collector_pending_rows"] == 0
+        assert m["gpuledger_collector_pending_rows_limit"] == collector.writer.max_pending_rows
+        assert m['gpuledger_collector_serving{service="gpuledger.v1.Telemetry"}'] == 1
+        assert m['gpuledger_collector_serving{service="gpuledger.v1.Query"}'] == 1
+        # when the store received the agent's latest batch, from its batch log
+        received = collector.store.query_rows("SELECT max(received_ms) FROM gpuledger.agent_batches "
+                                              "WHERE agent_id = 'h1'")[0][0]
+        assert m['gpuledger_collector_agent_last_batch_timestamp_seconds{agent_id="h1",host_id="h1"}'] == \
+            received / 1000
+        build = [k for k in m if k.startswith("gpuledger_build_info{")]
+        assert len(build) == 1 and 'daemon="collector"' in build[0] and 'store="chdb"' in build[0]
+        assert f'version="{__version__}"' in build[0] and m[build[0]] == 1
     finally:
         server.shutdown()
     with grpc.insecure_channel(collector.address) as ch:
@@ -73,3 +88,64 @@ def test_agent_metrics(collector, tmp_path):
     finally:
         server.shutdown()
         sh.close()
+
+
+def test_agents_last_batch_follows_the_store_and_retires_silent_agents(store):
+    clock = SimClock(aligned_start_us(hours_ago=0))
+    c = Collector(store, Pricing.default(), listen="127.0.0.1:0", clock=clock)
+    c.start()
+    try:
+        reg = collector_registry(c, agents_refresh_s=0)
+        assert not [k for k in scrape_registry(reg) if "last_batch_timestamp" in k]  # no agent yet
+        send_batches(c.address, [sim_batch(seq=1, host_id="a1").SerializeToString()])
+        t1 = clock.now_us() / 1e6
+        clock.advance(3600)
+        send_batches(c.address, [sim_batch(seq=1, host_id="a2").SerializeToString()])
+        m = scrape_registry(reg)
+        assert m['gpuledger_collector_agent_last_batch_timestamp_seconds{agent_id="a1",host_id="a1"}'] == t1
+        assert m['gpuledger_collector_agent_last_batch_timestamp_seconds{agent_id="a2",host_id="a2"}'] == t1 + 3600
+        clock.advance(7 * 86400 - 1800)  # a1 silent for 7 days and a half hour: retired; a2 not yet
+        m = scrape_registry(reg)
+        assert [k for k in m if "last_batch_timestamp" in k] == \
+            ['gpuledger_collector_agent_last_batch_timestamp_seconds{agent_id="a2",host_id="a2"}']
+        assert m["gpuledger_collector_agent_last_batch_query_errors_total"] == 0
+    finally:
+        c.stop(grace_s=1)
+
+
+def test_store_failing_shows_in_serving_and_errors(tmp_path):
+    s = FaultyStore(f"chdb://{tmp_path / 'chdb'}")
+    c = Collector(s, Pricing.default(), listen="127.0.0.1:0", insert_max_wait_s=0.01)
+    c.writer.retry_backoff_s = 0.01
+    c.start()
+    try:
+        reg = collector_registry(c, agents_refresh_s=0)
+        s.fail_next, s.fail_retryable = 1, False  # the store refuses the next insert permanently
+        acks = send_batches(c.address, [sim_batch(seq=1, host_id="b1").SerializeToString()])
+        assert acks[0].code == grpc.StatusCode.INTERNAL.value[0]
+        m = scrape_registry(reg)
+        assert m['gpuledger_collector_serving{service="gpuledger.v1.Telemetry"}'] == 0
+        assert m['gpuledger_collector_serving{service="gpuledger.v1.Query"}'] == 1
+        assert m['gpuledger_collector_store_errors_total{kind="permanent"}'] == 1
+        assert not [k for k in m if "last_batch_timestamp" in k]  # nothing of b1 was stored
+        acks = send_batches(c.address, [sim_batch(seq=1, host_id="b1").SerializeToString()])  # fixed: resent
+        assert acks[0].code == 0
+        m = scrape_registry(reg)
+        assert m['gpuledger_collector_serving{service="gpuledger.v1.Telemetry"}'] == 1
+        assert m['gpuledger_collector_store_errors_total{kind="permanent"}'] == 1
+        assert 'gpuledger_collector_agent_last_batch_timestamp_seconds{agent_id="b1",host_id="b1"}' in m
+        assert m["gpuledger_collector_insert_seconds_count"] == 2  # the failed insert and the good one
+    finally:
+        c.stop(grace_s=1)
+        s.close()
+
+
+def scrape_registry(reg) -> dict[str, float]:
+    from prometheus_client import generate_latest
+
+    out = {}
+    for line in generate_latest(reg).decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
