@@ -65,8 +65,8 @@ _WINDOW_COLUMNS = ("gpu_uuid", "window_start_ms", "window_ms", "covered_ms", "bu
                    "idle_free_ms", "unmonitored_ms", "mem_used_max_bytes", "power_mean_mw", "power_max_mw",
                    "energy_mj", "temp_max_c", "gpm_covered_ms") + tuple(f[2] for f in GPM_FIELDS)
 
-# How long an agent's last-batch series is kept after its last batch: a host silent that long is
-# retired, not down (the figure reports use: gpuledger.collector.reports.RETIRE_AFTER_MS).
+# How long an agent's last-batch series is kept after its last batch (a host silent that long has
+# long passed the reports' silence horizon; alerts have fired for it).
 AGENT_HORIZON_MS = 7 * 86_400_000
 
 
@@ -420,8 +420,9 @@ def insert_latency(writer) -> InsertLatency:
 
 
 class AgentLastBatch:
-    """When each agent's latest batch was stored, from the store's batch log (agent_batches.received_ms,
-    the collector's clock), so every collector sharing a store tells the same. The query scans that
+    """When each agent's latest batch was stored, from the store's session records (received_ms, the
+    collector's clock), so every collector sharing a store tells the same; agents whose latest run
+    stopped on purpose are left out. The query scans that
     log's last `horizon_ms` and runs at most once per `refresh_s`, on a thread of its own: a scrape
     waits for it at most `wait_s`, then answers with what it had (a store that hangs must not hang
     the metrics endpoint). Agents silent longer than the horizon are retired and left out."""
@@ -439,18 +440,27 @@ class AgentLastBatch:
         self._lock = threading.Lock()
 
     def _query(self, since_ms: int) -> None:
+        # each host's latest run: when its last batch arrived, and whether it stopped on purpose (a host
+        # stopped on purpose is not silent: it is left out)
         try:
             rows = self.store.query_rows(
-                f"SELECT agent_id, host_id, max(received_ms) FROM {self.store.db}.agent_batches "
-                "WHERE received_ms >= {since:Int64} GROUP BY agent_id, host_id", {"since": since_ms})
+                f"""SELECT host_id, max(received), argMax(stopped, start) FROM (
+                        SELECT host_id, session_start_ms AS start, max(received_ms) AS received,
+                               max(stopped_ms) AS stopped
+                        FROM {self.store.db}.sessions WHERE gpu_uuid = ''
+                        GROUP BY host_id, agent_epoch, session_start_ms HAVING received >= {{since:Int64}})
+                    GROUP BY host_id""", {"since": since_ms})
         except Exception as e:  # the store may be the thing that is down: keep what was known
             with self._lock:
                 self.errors += 1
             log.warning("metrics: reading agents' last batches failed: %s", e)
             return
         with self._lock:
-            for agent_id, host_id, ms in rows:
-                key = (str(agent_id), str(host_id))
+            for host_id, ms, stopped in rows:
+                key = (str(host_id), str(host_id))  # an agent's id is its host id
+                if stopped:
+                    self.last_ms.pop(key, None)
+                    continue
                 self.last_ms[key] = max(self.last_ms.get(key, 0), int(ms))
 
     def values(self) -> dict[tuple[str, str], int]:
@@ -473,16 +483,7 @@ class AgentLastBatch:
             return {k: v for k, v in self.last_ms.items() if v >= cutoff}
 
 
-class _CheckContext:
-    """The little of a gRPC context that HealthServicer.Check touches (an unknown service)."""
-
-    def set_code(self, code) -> None:
-        self.code = code
-
-
 def collector_registry(collector, agents_refresh_s: float = 30.0) -> CollectorRegistry:
-    from grpc_health.v1 import health_pb2
-
     reg = CollectorRegistry(auto_describe=False)
     latency = insert_latency(collector.writer)
     agents = AgentLastBatch(collector.store, collector.clock, refresh_s=agents_refresh_s)
@@ -513,8 +514,7 @@ def collector_registry(collector, agents_refresh_s: float = 30.0) -> CollectorRe
                                     "1 while a gRPC service answers SERVING to health checks (Telemetry turns "
                                     "NOT_SERVING on a permanent store error)", labels=["service"])
         for svc in ("gpuledger.v1.Telemetry", "gpuledger.v1.Query"):
-            r = collector.health.Check(health_pb2.HealthCheckRequest(service=svc), _CheckContext())
-            serving.add_metric([svc], 1 if r.status == health_pb2.HealthCheckResponse.SERVING else 0)
+            serving.add_metric([svc], 1 if collector.serving.get(svc) else 0)
         yield serving
         if not latency.hooked:
             latency.catch_up(w.insert_latency_s)

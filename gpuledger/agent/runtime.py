@@ -207,6 +207,7 @@ class Agent:
         self.batches_spooled = 0
         self.unhealthy_polls = 0
         self.last_closed: Closed | None = None  # the windows closed by the latest step (per-GPU metrics read it)
+        self.on_closed = None  # called with every Closed (per-GPU metrics count each window once)
         self._closed = False
 
     def _session_start(self, start_us: int | None, boot_ms: int | None) -> int:
@@ -235,6 +236,7 @@ class Agent:
             self._pending.append(closed)
             self.windows_sampled += closed.n_windows
             self.last_closed = closed
+            self._closed_hook(closed)
         if now_us - self._last_flush_us >= self.cfg.flush_s * 1e6:
             self.flush(now_us)
 
@@ -278,6 +280,8 @@ class Agent:
         if closed is not None and closed.n_windows:
             self._pending.append(closed)
             self.windows_sampled += closed.n_windows
+            self.last_closed = closed
+            self._closed_hook(closed)
         self.flush(now_us)
         self.source.close()
         stopped_ms = max(now_us // 1000, self.session_start_ms)
@@ -289,6 +293,13 @@ class Agent:
             self.spool.mark_stopped(stopped_ms)
         except (SpoolFull, OSError) as e:  # then the collector sees silence, never idle time
             log.error("stop batch not spooled: %s", e)
+
+    def _closed_hook(self, closed: Closed) -> None:
+        if self.on_closed is not None:
+            try:
+                self.on_closed(closed)
+            except Exception:  # metrics must never stop the pipeline
+                log.exception("on_closed hook failed")
 
     def run(self, stop: threading.Event) -> None:
         """Real-time loop: one poll every tick_s until `stop` is set."""

@@ -76,6 +76,7 @@ class Collector:
                                                        thread_name_prefix="gpuledger-report")
         self._report_slots = threading.BoundedSemaphore(report_workers * 5)
         self.health = health.aio.HealthServicer()
+        self.serving = {"gpuledger.v1.Telemetry": False, "gpuledger.v1.Query": False}  # what health answers
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
@@ -139,6 +140,7 @@ class Collector:
         await server.start()
         for svc in ("", "gpuledger.v1.Telemetry", "gpuledger.v1.Query"):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+            self.serving[svc] = True
         self._server = server
         ready.set_result(port)
 
@@ -155,6 +157,7 @@ class Collector:
         if self._stopped or self._loop is None:
             return
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.serving["gpuledger.v1.Telemetry"] = serving
         asyncio.run_coroutine_threadsafe(self.health.set("gpuledger.v1.Telemetry", status), self._loop)
 
     def stop(self, grace_s: float = 5.0) -> None:
@@ -166,6 +169,8 @@ class Collector:
 
         async def shutdown():
             await self.health.enter_graceful_shutdown()
+            for svc in self.serving:
+                self.serving[svc] = False
             await self._server.stop(grace_s)
 
         try:

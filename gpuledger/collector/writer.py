@@ -33,7 +33,7 @@ class Writer:
         self.store_errors_retryable = 0
         self.store_errors_permanent = 0
         self.insert_latency_s: deque[float] = deque(maxlen=4096)  # recent commit latencies
-        self.commit_hooks: list = []  # called with each commit's latency in seconds (metrics)
+        self.on_commit = None  # called with each commit's latency in seconds (metrics)
         self.clock = clock
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
@@ -161,9 +161,9 @@ class Writer:
                 self.on_health(False)
         self.last_insert_s = time.perf_counter() - t0
         self.insert_latency_s.append(self.last_insert_s)
-        for hook in self.commit_hooks:
+        if self.on_commit is not None:
             try:
-                hook(self.last_insert_s)
+                self.on_commit(self.last_insert_s)
             except Exception:  # metrics must never break a commit
                 log.exception("commit hook failed")
         with self._lock:
