@@ -67,7 +67,7 @@ def test_a_replaced_gpu_is_not_counted_twice(store):
     ingest(store, [batch("h1", [A], util(0, BASE, BASE + 100_000, 100), BASE, BASE + 100_000, 1, {"GPU-A": BASE}),
                    batch("h1", [B], util(0, BASE + 100_000, BASE + 200_000, 100), BASE + 100_000, BASE + 200_000, 2,
                          {"GPU-B": BASE + 100_000})])
-    rows = {r["gpu_uuid"]: r for r in idle_rows(store, Pricing.default(), 0, NOW_MS, "gpu", {})}
+    rows = {r["gpu_uuid"]: r for r in idle_rows(store, Pricing.default(), 0, NOW_MS, "gpu", {}, now_ms=NOW_MS)}
     assert _secs(rows["GPU-A"], "gpu_hours") == pytest.approx(100) and rows["GPU-A"]["unmonitored_hours"] == 0
     assert _secs(rows["GPU-B"], "gpu_hours") == pytest.approx(100) and rows["GPU-B"]["unmonitored_hours"] == 0
 
@@ -92,7 +92,7 @@ def test_missing_time_is_priced_in_its_own_price_period(store):
 @pytest.mark.parametrize("since_off, until_off", [(0, 600_000), (5_000, 600_000), (5_000, 595_000), (9_999, 600_000)])
 def test_an_unaligned_range_invents_no_unmonitored_time(store, since_off, until_off):
     ingest(store, [batch("h1", [A], util(0, BASE, BASE + 600_000, 100), BASE, BASE + 600_000, 1, {"GPU-A": BASE})])
-    r = idle_rows(store, Pricing.default(), BASE + since_off, BASE + until_off, "gpu", {})[0]
+    r = idle_rows(store, Pricing.default(), BASE + since_off, BASE + until_off, "gpu", {}, now_ms=NOW_MS)[0]
     assert r["unmonitored_hours"] == 0
     assert r["active_hours"] == r["gpu_hours"]
 
@@ -213,8 +213,8 @@ def test_cost_allocation_still_adds_up(store):
     ingest(store, [batch("h1", [A], util(0, BASE, BASE + 100_000, 100), BASE, BASE + 100_000, 1),
                    batch("h2", [B], util(0, BASE, BASE + 300_000, 0, 0), BASE, BASE + 300_000, 1)])
     p = Pricing.default()
-    total_idle = sum(r["cost"] for r in idle_rows(store, p, BASE, BASE + 300_000, "host", {}))
-    total_cost = sum(r["cost"] for r in cost_rows(store, p, BASE, BASE + 300_000, "team", {}))
+    total_idle = sum(r["cost"] for r in idle_rows(store, p, BASE, BASE + 300_000, "host", {}, now_ms=NOW_MS))
+    total_cost = sum(r["cost"] for r in cost_rows(store, p, BASE, BASE + 300_000, "team", {}, now_ms=NOW_MS))
     assert total_cost == pytest.approx(total_idle)
 
 
@@ -268,7 +268,7 @@ def test_a_price_change_between_window_edges_invents_no_unmonitored_time(store):
     p = Pricing()
     p.set_gpu_price("host", "h2", 1.0)
     p.set_gpu_price("host", "h2", 2.0, effective_from=datetime.fromtimestamp((BASE + 305_000) / 1000, UTC))
-    r = idle_rows(store, p, BASE, BASE + 600_000, "host", {})[0]
+    r = idle_rows(store, p, BASE, BASE + 600_000, "host", {}, now_ms=NOW_MS)[0]
     assert r["unmonitored_hours"] == 0 and _secs(r, "gpu_hours") == pytest.approx(600)
     assert r["cost"] == pytest.approx(310 / 3600 * 1.0 + 290 / 3600 * 2.0)  # the window at 300 s is priced whole
 
@@ -282,8 +282,8 @@ def test_focus_export_keeps_outages_and_adds_up_to_the_idle_report(store):
                    batch("solo", [A], util(0, t0 + 2 * hour, t0 + 2 * hour + 600_000, 50), t0 + 2 * hour,
                          t0 + 2 * hour + 600_000, 2, {"GPU-A": t0})])
     p = Pricing.default()
-    idle = idle_rows(store, p, t0, t0 + 3 * hour, "host", {})[0]
-    rows = focus_rows(store, p, t0, t0 + 3 * hour, "hour")
+    idle = idle_rows(store, p, t0, t0 + 3 * hour, "host", {}, now_ms=NOW_MS)[0]
+    rows = focus_rows(store, p, t0, t0 + 3 * hour, "hour", now_ms=NOW_MS)
     assert sum(r["ConsumedQuantity"] for r in rows) == pytest.approx(idle["gpu_hours"])
     assert sum(r["BilledCost"] for r in rows) == pytest.approx(idle["cost"])
     hour1 = [r for r in rows if r["ChargePeriodStart"] == _iso_ms(t0 + hour)]
