@@ -81,7 +81,7 @@ class Metadata(BaseHTTPRequestHandler):
 def server():
     handler = type("H", (Metadata,), {"seen": [], "mode": "aws", "delay_s": 0.0})
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield handler, f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
