@@ -208,6 +208,8 @@ class GpuCatalog:
         itype = self.find(text)
         if itype is not None and itype in self.types:
             count, model = self.types[itype]
+            if f"ml.{itype}" in text:  # a SageMaker instance: managed, priced apart from EC2
+                return f"ml.{itype}", True, count, model
             return itype, True, count, model
         model_m = _GPU_MODEL.search(text or "")
         model = model_m.group(1).upper() if model_m else None
@@ -791,3 +793,20 @@ def read_bill_table(paths, catalog: GpuCatalog | None = None) -> tuple[pa.Table,
     reader = read_bills(paths, catalog)
     chunks = [c.table for c in reader]
     return (pa.concat_tables(chunks) if chunks else BILL_SCHEMA.empty_table()), reader
+
+
+def instance_key(resource_id: str | None) -> str:
+    """The cloud instance id inside a bill's ResourceId, to join bill rows with agents' instance ids:
+    AWS `arn:aws:ec2:REGION:ACCOUNT:instance/i-...` or `i-...` -> `i-...`; GCP
+    `//compute.googleapis.com/projects/P/zones/Z/instances/ID` -> `ID`; Azure ARM paths are kept
+    whole (IMDS gives the same path), lower-cased, as Azure ids are case-insensitive."""
+    rid = (resource_id or "").strip()
+    if not rid:
+        return ""
+    if rid.startswith("arn:") and ":instance/" in rid:
+        return rid.rsplit("/", 1)[1]
+    if rid.startswith("//compute.googleapis.com/"):
+        return rid.rsplit("/", 1)[1]
+    if rid.lower().startswith("/subscriptions/"):
+        return rid.lower()
+    return rid

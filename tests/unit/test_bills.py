@@ -338,6 +338,7 @@ def test_catalog_matching_of_usage_types_and_descriptions():
     assert cat.describe("BoxUsage:p4d.24xlarge")[:3] == ("p4d.24xlarge", True, 8)
     assert cat.describe("USW2-SpotUsage:g6e.xlarge")[:3] == ("g6e.xlarge", True, 1)
     assert cat.describe("USE1-BoxUsage:m6i.large")[:2] == ("m6i.large", False)
+    assert cat.describe("USE1-Train:ml.p4d.24xlarge")[:3] == ("ml.p4d.24xlarge", True, 8)  # SageMaker
     assert cat.describe("EU-BoxUsage:p3.8xlarge")[:3] == ("p3.8xlarge", True, None)  # GPU family, not in catalog
     assert cat.describe("NC24ads A100 v4")[:3] == ("Standard_NC24ads_A100_v4", True, 1)
     assert cat.describe("Nvidia Tesla A100 GPU running in Americas") == (None, True, None, "A100")
