@@ -313,10 +313,14 @@ def _strings(arr: pa.Array) -> pa.Array:
     return arr
 
 
+def _mask(b: pa.Array) -> np.ndarray:
+    """A boolean Arrow array as a numpy mask (nulls false), without pyarrow's pandas shim for booleans."""
+    return pc.cast(pc.fill_null(b, False), pa.int8()).to_numpy(zero_copy_only=False).astype(bool)
+
+
 def _bad(valid_in: pa.Array, ok: pa.Array) -> np.ndarray:
     """Rows with a value that is not ok (nulls are fine)."""
-    return np.asarray(pc.and_(pc.is_valid(valid_in), pc.invert(pc.fill_null(ok, False))).to_numpy(
-        zero_copy_only=False), dtype=bool)
+    return _mask(pc.and_(pc.is_valid(valid_in), pc.invert(pc.fill_null(ok, False))))
 
 
 def _to_float(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -374,7 +378,11 @@ def _to_ms(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
 
 
 def _month(ms: pa.Array) -> pa.Array:
-    return pc.strftime(pc.cast(ms, pa.timestamp("ms", tz="UTC")), format="%Y-%m")
+    """"YYYY-MM" (UTC) of epoch milliseconds without nulls; formats only the distinct months."""
+    months = ms.to_numpy(zero_copy_only=False).astype("datetime64[ms]").astype("datetime64[M]").astype(np.int64)
+    uniq, inverse = np.unique(months, return_inverse=True)
+    labels = pa.array([str(np.datetime64(int(u), "M")) for u in uniq], pa.string())
+    return labels.take(pa.array(inverse.astype(np.int32)))
 
 
 # --------------------------------------------------------------------------- per-distinct-value work
@@ -423,6 +431,31 @@ def _by_distinct(arr: pa.Array, fn, out_types: list[pa.DataType]) -> list[pa.Arr
         values = pa.array([r[j] for r in results] + [null_result[j]], t)
         outs.append(values.take(idx))
     return outs
+
+
+def _codes(arr: pa.Array) -> tuple[np.ndarray, list]:
+    """Dictionary codes of a string array (nulls: code len(values), value None) and its values."""
+    enc = pc.dictionary_encode(_strings(arr))
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    values = enc.dictionary.to_pylist() + [None]
+    codes = pc.fill_null(enc.indices, len(values) - 1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, values
+
+
+def _by_distinct_rows(arrays: list[pa.Array], fn, out_types: list[pa.DataType]) -> list[pa.Array]:
+    """Like `_by_distinct` over several columns: fn gets one tuple of values per distinct combination."""
+    key = np.zeros(len(arrays[0]), dtype=np.int64)
+    parts = []
+    for arr in arrays:
+        codes, values = _codes(arr)
+        # renumber after each column, so the combined key stays below rows x values (no overflow)
+        _, key = np.unique(key * len(values) + codes, return_inverse=True)
+        parts.append((codes, values))
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    results = [fn(tuple(values[codes[i]] for codes, values in parts)) for i in first]
+    idx = pa.array(inverse.astype(np.int32))
+    return [pa.array([r[j] for r in results], t).take(idx) for j, t in enumerate(out_types)]
 
 
 # --------------------------------------------------------------------------- reading
@@ -580,7 +613,7 @@ class BillReader:
                     raise BillError(f"{path}: no {spec[key][0]} column")
                 return pa.nulls(n, pa.int64())
             vals, bad = _to_ms(arr)
-            missing = np.asarray(pc.is_null(vals).to_numpy(zero_copy_only=False), bool) & ~bad if required else None
+            missing = _mask(pc.is_null(vals)) & ~bad if required else None
             for i in np.flatnonzero(bad):
                 self._issue(path, rows[i], label, arr[i].as_py(), "not an ISO 8601 date-time", required)
             if required:
@@ -619,21 +652,21 @@ class BillReader:
 
         account = pc.fill_null(text("billing_account_id"), "")
         period_ms = pc.coalesce(bp_start, start)
-        period = pc.fill_null(_month(pc.fill_null(period_ms, 0)), "")
-        slice_key = pc.binary_join_element_wise(provider, account, period, "|")
+        period = _month(pc.fill_null(period_ms, 0))
+        slice_key = _by_distinct_rows([provider, account, period], lambda v: ("|".join(v),), [pa.string()])[0]
 
         service_name, sku, usage_type = text("service_name"), text("sku_id"), text("usage_type")
         description, hint = text("charge_description"), text("hint")
-        candidates = pc.binary_join_element_wise(
-            *[pc.fill_null(a, "") for a in (usage_type, hint, sku, description)], " | ")
-        itype, is_gpu, gpus, model = _by_distinct(candidates, lambda v: self.catalog.describe(v or ""),
-                                                  [pa.string(), pa.bool_(), pa.int32(), pa.string()])
-        ai_text = pc.binary_join_element_wise(pc.fill_null(service_category, ""), pc.fill_null(service_name, ""),
-                                              " | ")
-        ai_service = _by_distinct(ai_text, lambda v: (bool(v) and (v.startswith("AI and Machine Learning")
-                                                                   or bool(AI_SERVICES.search(v))),),
-                                  [pa.bool_()])[0]
-        ai_related = pc.or_(ai_service, is_gpu)
+        itype, is_gpu, gpus, model = _by_distinct_rows(
+            [usage_type, hint, sku, description],
+            lambda v: self.catalog.describe(" | ".join(x or "" for x in v)),
+            [pa.string(), pa.bool_(), pa.int32(), pa.string()])
+
+        def ai(v):
+            category, name = v
+            return (category == "AI and Machine Learning" or bool(name and AI_SERVICES.search(name)),)
+
+        ai_related = pc.or_(_by_distinct_rows([service_category, service_name], ai, [pa.bool_()])[0], is_gpu)
 
         tags, team, project, phase, workload = self._tags(path, fmt, spec, batch, rows, n)
 
@@ -719,7 +752,7 @@ class BillReader:
                 cols = list(zip(*vals, strict=True)) if vals else [[]] * 5
                 return [pa.array(list(c), t) for c, t in zip(cols, out_types, strict=True)]
             tags, *known = _by_distinct(arr, parse_json, out_types)
-            unreadable = np.asarray(pc.is_null(tags).to_numpy(zero_copy_only=False), bool)
+            unreadable = _mask(pc.is_null(tags))
             for i in np.flatnonzero(unreadable):
                 bad_rows.append(i)
                 self._issue(path, rows[i], tag_col, arr[i].as_py(), "Tags is not a JSON object; imported without tags",
