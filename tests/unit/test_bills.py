@@ -343,3 +343,14 @@ def test_catalog_matching_of_usage_types_and_descriptions():
     assert cat.describe("NC24ads A100 v4")[:3] == ("Standard_NC24ads_A100_v4", True, 1)
     assert cat.describe("Nvidia Tesla A100 GPU running in Americas") == (None, True, None, "A100")
     assert cat.describe("USE1-TimedStorage-ByteHrs") == (None, False, None, None)
+
+
+def test_azure_style_export_with_a_byte_order_mark(tmp_path):
+    f = tmp_path / "azure-focus.csv"
+    f.write_bytes("\ufeffBilledCost,ChargePeriodStart,ProviderName,BillingAccountId,EffectiveCost,BillingCurrency,"
+                  "x_SkuMeterName\n88.152,2026-11-02T00:00:00Z,Microsoft,acct-1,80.0,USD,NC24ads A100 v4\n"
+                  .encode("utf-8"))
+    table, reader = read_bill_table(f)
+    assert reader.issue_count == 0 and reader.formats[str(f)] == "focus-1.0"
+    row = table.to_pylist()[0]
+    assert (row["billed_cost"], row["provider"], row["instance_type"]) == (88.152, "azure", "Standard_NC24ads_A100_v4")
