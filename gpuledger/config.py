@@ -39,6 +39,7 @@ class AgentConfig:
     provider: str = "onprem"
     region: str = ""
     instance_type: str = ""
+    instance_id: str = ""  # cloud instance id; empty: read from the instance metadata service at start
     gpu_count: int = 0  # GPUs the instance is priced for; 0: the number of GPUs the source sees
     tags: dict = field(default_factory=dict)  # host-level owner tags
     collector: str = "127.0.0.1:4700"

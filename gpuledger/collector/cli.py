@@ -170,7 +170,11 @@ def pricing(
     file: Annotated[str | None, typer.Option(help="Overrides TOML to apply on top of the catalog.")] = None,
     fmt: Annotated[Fmt, typer.Option("--format", help="table, csv or json.")] = Fmt.table,
 ) -> None:
-    """Show the price catalog in force (shipped public list prices plus your overrides).
+    """Show every price in force: the shipped catalog, your overrides and OpenCost rows.
+
+    One row per price, with its kind (catalog, instance_override, gpu_override, opencost_node,
+    opencost_gpu), what a host must match for it to apply, the hourly and per-GPU-hour price,
+    its effective date and its source. The catalog's snapshot date is in its source.
 
     Examples:
       gpuledger pricing
@@ -180,16 +184,21 @@ def pricing(
       [[instance]]  provider="aws" region="us-east-1" instance_type="p5.48xlarge" hourly_price=55.04
                     gpu_count=8 effective_from="2025-06-01"
       [[gpu]]       host_id="dgx-01" gpu_hourly_price=1.10      # owned hardware, per GPU-hour
-      opencost_csv = "opencost-pricing.csv"                      # rows with AssetClass=gpu
+      opencost_csv = "opencost-pricing.csv"                      # OpenCost custom pricing (node and gpu rows)
+
+    Refresh the shipped catalog from a newer snapshot: scripts/refresh_catalog.py (see its --help).
     """
-    from gpuledger.collector.pricing import Pricing, PricingError
+    from gpuledger.collector.pricing import CATALOG_SOURCE, Pricing, PricingError
 
     try:
         p = Pricing.default(file)
     except PricingError as e:
         typer.echo(f"gpuledger pricing: {e}", err=True)
         raise typer.Exit(2) from e
-    typer.echo(render(p.catalog_rows(), fmt.value))
+    rows = p.all_rows()
+    if fmt == Fmt.table:  # the catalog's long source is printed once, below the table
+        rows = [{**r, "source": "catalog" if r["source"] == CATALOG_SOURCE else r["source"]} for r in rows]
+    typer.echo(render(rows, fmt.value))
     if fmt == Fmt.table:
         typer.echo(f"\nsources: {'; '.join(p.sources)}", err=True)
 

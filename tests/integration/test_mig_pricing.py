@@ -26,7 +26,7 @@ def test_report_prices_a_mig_instance_by_its_share(collector):
     mig, whole = rows[b.gpus[0].uuid], rows[b.gpus[1].uuid]
     assert mig["gpu_hours"] == whole["gpu_hours"]
     assert mig["cost"] == pytest.approx(whole["cost"] * 3 / 7)
-    assert whole["cost"] == pytest.approx(32.7726 / 8 * whole["gpu_hours"])
+    assert whole["cost"] == pytest.approx(21.957642 / 8 * whole["gpu_hours"])
     assert "mig_share" in mig["price_method"]
     total = sum(r["cost"] for r in cost_rows(collector.store, collector.pricing, 0, 4_102_444_800_000, "host", {}))
     assert total == pytest.approx(mig["cost"] + whole["cost"])

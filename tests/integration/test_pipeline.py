@@ -37,7 +37,7 @@ def test_fleet_matches_ground_truth_and_every_window_arrives_once(collector, tmp
         assert r["idle_free_hours"] == pytest.approx(t.idle_free_s / 3600, rel=0.005, abs=1e-3)
         # the simulator's outage (host 1, GPU 0, 20 min) is unmonitored, never idle
         assert r["unmonitored_hours"] == pytest.approx(t.unmonitored_s / 3600, rel=0.005, abs=0.01)
-        hourly = {"p5.48xlarge": 98.32, "p4d.24xlarge": 32.7726, "g5.12xlarge": 5.672, "g6e.12xlarge": 10.49264}
+        hourly = {"p5.48xlarge": 55.04, "p4d.24xlarge": 21.957642, "g5.12xlarge": 5.672, "g6e.12xlarge": 10.49264}
         gpus = len(next(s for s in run.sources if s.host_id == host).gpus())
         assert r["gpu_hours"] == pytest.approx(gpus * HOURS, rel=1e-4)
         assert r["cost"] == pytest.approx(hourly[r["instance_type"]] * HOURS, rel=1e-4)
