@@ -352,3 +352,20 @@ def test_every_fixture_parses_whole():
         assert sum(len(f.samples) for f in text_string_to_metric_families(text)) > 10
         reading = parse_exposition(text, SERVERS[kind])
         assert sum(sum(s.values()) for s in reading.counters.values()) > 0
+
+
+def test_prefilter_keeps_exactly_the_wanted_samples():
+    from gpuledger.agent.scrape import wanted_lines
+
+    text = 'vllm:request_success_total{finished_reason="stop"} 3\n' + fixture("vllm") + \
+        'vllm:request_success_created{finished_reason="stop"} 1.7e9\nvllm:num_requests_running 2'
+    got = wanted_lines(text, ("process_start_time_seconds", "vllm:num_requests_running", "vllm:prompt_tokens",
+                              "vllm:request_success"))
+    assert got == [
+        "process_start_time_seconds 1.7181405583e+09",
+        'vllm:num_requests_running{model_name="facebook/opt-125m"} 0.0',
+        "vllm:num_requests_running 2",  # the last line, without a newline
+        'vllm:prompt_tokens_total{model_name="facebook/opt-125m"} 5.0',  # not _by_source, _cached, ...
+        'vllm:request_success_total{finished_reason="stop"} 3',  # the first line
+        'vllm:request_success_total{finished_reason="length",model_name="facebook/opt-125m"} 1.0',
+    ]
