@@ -235,3 +235,18 @@ def test_wandb_missing_says_what_to_install(monkeypatch):
         write_cost("acme/llm-ft/3k9x2p", COST)
     with pytest.raises(ValueError, match=r"\[entity/\]project/run_id"):
         write_cost("just-a-run-id", COST)
+
+
+def test_mlflow_config_section(tmp_path):
+    from gpuledger.config import ConfigError, load_mlflow
+
+    f = tmp_path / "gpuledger.toml"
+    f.write_text('[mlflow]\ntracking_uri = "https://mlflow.internal"\ndeploy_aliases = ["prod"]\n')
+    cfg = load_mlflow(f, env={})
+    assert (cfg.tracking_uri, cfg.deploy_aliases, cfg.deploy_stages) == ("https://mlflow.internal", ("prod",),
+                                                                         ("Production",))
+    assert load_mlflow(env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}).tracking_uri == "http://127.0.0.1:5000"
+    assert load_mlflow(f, env={"GPULEDGER_MLFLOW_TRACKING_URI": "http://m:5000"}).tracking_uri == "http://m:5000"
+    f.write_text('[mlflow]\ntracking_uri = "mlflow.internal:5000"\n')
+    with pytest.raises(ConfigError, match="mlflow.tracking_uri: must be an http"):
+        load_mlflow(f, env={})
