@@ -84,9 +84,7 @@ class AgentConfig:
         _require(self.kernels in ("numba", "numpy"), "agent.kernels", f"must be numba or numpy, got {self.kernels!r}")
         _require(all(isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()), "agent.tags",
                  "keys and values must be strings")
-        names = [e.name for e in self.endpoints]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        _require(not dup, "agent.endpoints", f"names must be unique, {', '.join(dup)} repeated")
+        _require_unique([e.name for e in self.endpoints], "agent.endpoints", "names must be unique")
         return self
 
 
@@ -146,9 +144,7 @@ class CollectorConfig:
                  "collector.alert_generator_url", f"must be an http:// or https:// URL, got {self.alert_generator_url!r}")
         _require(self.alert_repeat_s > 0, "collector.alert_repeat_s", "must be > 0")
         _require(self.alert_timeout_s > 0, "collector.alert_timeout_s", "must be > 0")
-        names = [r.name for r in self.alerts]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        _require(not dup, "collector.alerts", f"names must be unique (set name = ...), {', '.join(dup)} repeated")
+        _require_unique([r.name for r in self.alerts], "collector.alerts", "names must be unique (set name = ...)")
         return self
 
 
@@ -335,6 +331,11 @@ def _is_http_url(s: str) -> bool:
 def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _require_unique(names: list[str], key: str, msg: str) -> None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _require(not dup, key, f"{msg}, {', '.join(dup)} repeated")
 
 
 def _is_hostport(s: str) -> bool:
