@@ -1,6 +1,7 @@
 """Weights & Biases: a run's cost figures written into its summary through wandb's public API.
 
-    write_cost("entity/project/run_id", cost)  ->  wandb.Api().run(path).summary.update({...})
+    write_cost("entity/project/run_id", cost)  ->  run = wandb.Api().run(path);
+                                                   run.summary[key] = value ...; run.summary.update()
 
 The keys are `gpuledger/<field>` (W&B groups keys by the part before "/"): the numbers of
 COST_NUMBERS as numbers, price_source and currency as text. The wandb package is imported only
@@ -9,7 +10,8 @@ from wandb's own settings (WANDB_API_KEY or ~/.netrc), the entity from the path 
 
 NOT VERIFIED AGAINST A W&B SERVER: no W&B server can run in this project's test environment.
 What is tested: the field mapping, the run path, and the error when wandb is missing. The call
-itself follows wandb's documented public API (Api().run(path).summary.update(dict)).
+itself follows the public-API example of W&B's "Log summary metrics" page (set summary keys on
+Api().run(path), then summary.update()).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def write_cost(path: str, cost: Mapping, timeout_s: float = 30.0) -> dict:
     wandb = _import_wandb()
     try:
         run = wandb.Api(timeout=int(timeout_s)).run(path)
-        run.summary.update(fields)
+        for k, v in fields.items():  # W&B's documented way: set the keys, then update() writes them
+            run.summary[k] = v
+        run.summary.update()
     except Exception as e:  # wandb raises its own CommError and others: name the run
         raise RuntimeError(f"W&B run {path}: writing cost failed: {e}") from e
     return fields
