@@ -68,6 +68,11 @@ class AgentConfig:
     kernels: str = "numpy"
     proc_root: str = "/proc"  # the host's /proc (e.g. /host/proc when the agent runs in a container)
     metrics_listen: str = ""
+    # Inference servers on this host whose own Prometheus counters are scraped ([[agent.endpoints]]).
+    endpoints: tuple = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", parse_endpoints(self.endpoints))
 
     def validate(self) -> AgentConfig:
         _require(bool(self.host_id) and len(self.host_id) <= 128, "agent.host_id", "must be 1..128 characters")
@@ -84,6 +89,7 @@ class AgentConfig:
         _require(self.kernels in ("numba", "numpy"), "agent.kernels", f"must be numba or numpy, got {self.kernels!r}")
         _require(all(isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()), "agent.tags",
                  "keys and values must be strings")
+        _require_unique([e.name for e in self.endpoints], "agent.endpoints", "names must be unique")
         return self
 
 
@@ -126,6 +132,15 @@ class CollectorConfig:
     tls_client_ca_file: str = ""
     insecure: bool = False
     metrics_listen: str = ""
+    # Alerts ([[collector.alerts]] rules) posted to an Alertmanager-compatible /api/v2/alerts URL.
+    alerts: tuple = ()
+    alert_webhook_url: str = ""
+    alert_repeat_s: float = 4 * 3600.0  # a firing alert is sent again only after this long
+    alert_generator_url: str = ""  # generatorURL of every alert (e.g. a dashboard); empty: none
+    alert_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alerts", parse_alert_rules(self.alerts))
 
     def store_dsn(self) -> str:
         return self.store or f"chdb://{Path(self.data_dir) / 'chdb'}"
@@ -153,12 +168,206 @@ class CollectorConfig:
             _require(getattr(self, key) > 0, f"collector.{key}", "must be > 0")
         _require(self.backfill_hours >= 0, "collector.backfill_hours", "must be >= 0")
         _require(self.seal_settle_s >= 0, "collector.seal_settle_s", "must be >= 0")
+        _require(not self.alerts or bool(self.alert_webhook_url), "collector.alert_webhook_url",
+                 "required when collector.alerts are defined")
+        _require(not self.alert_webhook_url or _is_http_url(self.alert_webhook_url), "collector.alert_webhook_url",
+                 f"must be an http:// or https:// URL, got {self.alert_webhook_url!r}")
+        _require(not self.alert_generator_url or _is_http_url(self.alert_generator_url),
+                 "collector.alert_generator_url", f"must be an http:// or https:// URL, got {self.alert_generator_url!r}")
+        _require(self.alert_repeat_s > 0, "collector.alert_repeat_s", "must be > 0")
+        _require(self.alert_timeout_s > 0, "collector.alert_timeout_s", "must be > 0")
+        _require_unique([r.name for r in self.alerts], "collector.alerts", "names must be unique (set name = ...)")
         return self
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """[mlflow]: where the MLflow tracking server is and what counts as a deployment. Credentials come
+    only from MLflow's own environment (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD), never from a file that is shared or logged."""
+
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI from the environment
+    deploy_aliases: tuple = ("production", "champion")  # MLflow 2.x+ registry aliases that mean "deployed"
+    deploy_stages: tuple = ("Production",)  # legacy registry stages that mean "deployed"
+    timeout_s: float = 10.0
+
+    def validate(self) -> MlflowConfig:
+        _require(not self.tracking_uri or _is_http_url(self.tracking_uri), "mlflow.tracking_uri",
+                 f"must be an http:// or https:// URL, got {self.tracking_uri!r}")
+        _require(all(isinstance(a, str) and a for a in self.deploy_aliases), "mlflow.deploy_aliases",
+                 "must be non-empty strings")
+        _require(all(isinstance(a, str) and a for a in self.deploy_stages), "mlflow.deploy_stages",
+                 "must be non-empty strings")
+        _require(self.timeout_s > 0, "mlflow.timeout_s", "must be > 0")
+        return self
+
+
+# ------------------------------------------------------------------ endpoints and alert rules
+SERVER_KINDS = ("vllm", "tgi", "triton", "sglang")
+ALERT_KINDS = ("gpu_idle_held", "endpoint_idle", "unwatched_gpu_spend", "agent_silent")
+# Kinds whose threshold is a duration (seconds, or a string such as "2h"); the others are plain numbers.
+DURATION_THRESHOLD_KINDS = ("gpu_idle_held", "agent_silent")
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """One inference server on the agent's host: [[agent.endpoints]]."""
+
+    name: str
+    server: str  # vllm | tgi | triton | sglang
+    url: str  # the server's own Prometheus endpoint, e.g. http://127.0.0.1:8000/metrics
+    labels: dict = field(default_factory=dict)  # only series with these labels count, e.g. {model_name = "m"}
+    every_s: float = 0.0  # scrape interval; 0: every agent tick
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class AlertRuleConfig:
+    """One alert rule: [[collector.alerts]]. `for` (TOML key) is how long the condition must hold
+    before the alert fires; `labels` are added to every alert of the rule."""
+
+    kind: str
+    threshold: float
+    for_s: float = 0.0
+    labels: dict = field(default_factory=dict)
+    name: str = ""  # alertname; default: the kind in CamelCase (GpuIdleHeld, ...)
+    summary: str = ""  # annotation text; default: one written from the facts
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds from a number or a string such as "90s", "15m", "2h", "1d", "1h30m"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: must be a duration (seconds or e.g. \"15m\"), got {value!r}")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str) and value.strip():
+        units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+        text, out, num = value.strip(), 0.0, ""
+        try:
+            if text.replace(".", "", 1).isdigit():
+                out = float(text)
+            else:
+                for ch in text:
+                    if ch.isdigit() or ch == ".":
+                        num += ch
+                    elif ch in units and num:
+                        out += float(num) * units[ch]
+                        num = ""
+                    else:
+                        raise ValueError(ch)
+                if num:
+                    raise ValueError(num)
+        except ValueError as e:
+            raise ConfigError(f"{key}: must be a duration (seconds or e.g. \"15m\", \"2h\"), got {value!r}") from e
+    else:
+        raise ConfigError(f"{key}: must be a duration (seconds or e.g. \"15m\"), got {value!r}")
+    if out < 0:
+        raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    return out
+
+
+def _table(item: Any, key: str, what: str) -> dict:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{key}: must be a table ({what} in the TOML file), got {item!r}")
+    return item
+
+
+def _string_map(value: Any, key: str) -> dict:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{key}: must be a table of strings, e.g. {{ model_name = \"llama\" }}")
+    return dict(value)
+
+
+def _number(value: Any, key: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{key}: must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def parse_endpoints(value: Any, key: str = "agent.endpoints") -> tuple:
+    """[[agent.endpoints]] tables (or EndpointConfig objects) -> validated EndpointConfigs."""
+    if isinstance(value, (str, dict)) or value is None:
+        raise ConfigError(f"{key}: must be [[agent.endpoints]] tables in the TOML file, got {value!r}")
+    known = {f.name for f in fields(EndpointConfig)}
+    out = []
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        if isinstance(item, EndpointConfig):
+            item = dataclasses.asdict(item)
+        item = _table(item, k, "[[agent.endpoints]]")
+        for name in item:
+            if name not in known:
+                raise ConfigError(f"{k}.{name}: unknown key (known: {', '.join(sorted(known))})")
+        for name in ("name", "server", "url"):
+            if not isinstance(item.get(name), str) or not item.get(name):
+                raise ConfigError(f"{k}.{name}: required, a non-empty string")
+        if item["server"] not in SERVER_KINDS:
+            raise ConfigError(f"{k}.server: must be one of {', '.join(SERVER_KINDS)}, got {item['server']!r}")
+        if not _is_http_url(item["url"]):
+            raise ConfigError(f"{k}.url: must be an http:// or https:// URL, got {item['url']!r}")
+        out.append(EndpointConfig(name=item["name"], server=item["server"], url=item["url"],
+                                  labels=_string_map(item.get("labels", {}), f"{k}.labels"),
+                                  every_s=_number(item.get("every_s", 0.0), f"{k}.every_s"),
+                                  timeout_s=_number(item.get("timeout_s", 2.0), f"{k}.timeout_s", positive=True)))
+    return tuple(out)
+
+
+def parse_alert_rules(value: Any, key: str = "collector.alerts") -> tuple:
+    """[[collector.alerts]] tables (or AlertRuleConfig objects) -> validated AlertRuleConfigs."""
+    if isinstance(value, (str, dict)) or value is None:
+        raise ConfigError(f"{key}: must be [[collector.alerts]] tables in the TOML file, got {value!r}")
+    known = {"kind", "threshold", "for", "labels", "name", "summary"}
+    out = []
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        if isinstance(item, AlertRuleConfig):
+            out.append(item)
+            continue
+        item = _table(item, k, "[[collector.alerts]]")
+        for name in item:
+            if name not in known:
+                raise ConfigError(f"{k}.{name}: unknown key (known: {', '.join(sorted(known))})")
+        kind = item.get("kind")
+        if kind not in ALERT_KINDS:
+            raise ConfigError(f"{k}.kind: must be one of {', '.join(ALERT_KINDS)}, got {kind!r}")
+        if "threshold" not in item:
+            raise ConfigError(f"{k}.threshold: required")
+        if kind in DURATION_THRESHOLD_KINDS:
+            threshold = parse_duration(item["threshold"], f"{k}.threshold")
+        else:
+            threshold = _number(item["threshold"], f"{k}.threshold")
+            if kind == "endpoint_idle" and threshold > 1:
+                raise ConfigError(f"{k}.threshold: an idle share, 0..1, got {item['threshold']!r}")
+        for name in ("name", "summary"):
+            if not isinstance(item.get(name, ""), str):
+                raise ConfigError(f"{k}.{name}: must be a string")
+        out.append(AlertRuleConfig(kind=kind, threshold=threshold, for_s=parse_duration(item.get("for", 0), f"{k}.for"),
+                                   labels=_string_map(item.get("labels", {}), f"{k}.labels"),
+                                   name=item.get("name", "") or "".join(p.title() for p in kind.split("_")),
+                                   summary=item.get("summary", "")))
+    return tuple(out)
+
+
+def _is_http_url(s: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(s)
+    except ValueError:
+        return False
+    return u.scheme in ("http", "https") and bool(u.hostname)
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _require_unique(names: list[str], key: str, msg: str) -> None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _require(not dup, key, f"{msg}, {', '.join(dup)} repeated")
 
 
 def _is_hostport(s: str) -> bool:
@@ -229,3 +438,13 @@ def load_agent(path=None, env=None, **overrides) -> AgentConfig:
 
 def load_collector(path=None, env=None, **overrides) -> CollectorConfig:
     return load(CollectorConfig, "collector", path, env, overrides)
+
+
+def load_mlflow(path=None, env=None, **overrides) -> MlflowConfig:
+    """[mlflow] of the file, GPULEDGER_MLFLOW_* environment, flags; the tracking URI falls back to
+    MLflow's own MLFLOW_TRACKING_URI."""
+    env = os.environ if env is None else env
+    cfg = load(MlflowConfig, "mlflow", path, env, overrides)
+    if not cfg.tracking_uri and env.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        cfg = dataclasses.replace(cfg, tracking_uri=env["MLFLOW_TRACKING_URI"]).validate()
+    return cfg
