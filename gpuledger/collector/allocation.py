@@ -203,7 +203,8 @@ class Prices:
         if key not in self._cache:
             h = self.host(host_id)
             at = (self.periods.since, *self.periods.breakpoints)[seg]
-            self._cache[key] = self.pricing.price(h.provider, h.region, h.instance_type, h.gpu_count, host_id, at)
+            self._cache[key] = self.pricing.price(h.provider, h.region, h.instance_type, h.gpu_count, host_id, at,
+                                                  tags=h.tags, instance_id=h.instance_id)
         price = self._cache[key]
         share = self.shares.get((host_id, gpu_uuid), 1.0)
         if price is None or share == 1.0:
