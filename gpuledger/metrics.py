@@ -9,7 +9,8 @@ The per-GPU values come from the windows the agent closes (`GpuTotals`, fed with
 `gpuledger.agent.windows.Closed`), never from a reading of their own.
 
 Collector (`collector_registry`): ingest, store and backpressure figures, the health of its gRPC
-services, when each agent's last batch was stored, and a cumulative insert-latency histogram.
+services, when each running agent's last batch was stored, and a cumulative insert-latency histogram
+fed by `gpuledger.collector.writer.Writer.on_commit`.
 
 Every counter here only grows for the life of the process: totals are kept, never rebuilt from a
 bounded list.
@@ -107,12 +108,9 @@ def build_info(daemon: str, **extra: str) -> GaugeMetricFamily:
 class GpuTotals:
     """Per-GPU running totals over the windows the agent closed, and each GPU's latest window.
 
-    `feed(closed)` takes a `gpuledger.agent.windows.Closed`. A window is counted once: a GPU's window
-    that starts before the end of what was already counted for that GPU is skipped, so the same
-    Closed may be fed twice (by the agent's hook and again at a scrape). Windows never fed (closed
-    between two scrapes while nothing feeds each close) are not guessed: `windows` counts those
-    counted, to set beside the agent's windows_sampled. Thread-safe: the agent's thread feeds, the
-    HTTP thread reads.
+    `feed(closed)` takes each `gpuledger.agent.windows.Closed` once: it is the agent's `on_closed`
+    hook (see gpu_totals), which the agent calls with every Closed of `step()` and `close()`.
+    Thread-safe: the agent's thread feeds, the HTTP thread reads.
     """
 
     def __init__(self) -> None:
@@ -121,30 +119,17 @@ class GpuTotals:
         self.energy_mj: dict[str, int] = {}
         self.latest: dict[str, dict] = {}  # uuid -> the columns of its latest window
         self.pods: dict[str, tuple[str, ...]] = {}  # uuid -> pod UIDs holding it in that window
-        self.counted_until_ms: dict[str, int] = {}
-        self.windows = 0
-        self.hooked = False  # fed by the agent's on_closed hook (see gpu_totals)
-        self._last_fed = None
 
     def feed(self, closed) -> None:
-        if closed is None:
-            return
         with self._lock:
-            if closed is self._last_fed:
-                return
-            self._last_fed = closed
             cols = closed.gpu.select(list(_WINDOW_COLUMNS)).to_pydict()
             fresh: set[str] = set()
             for i, uuid in enumerate(cols["gpu_uuid"]):
-                start, win = int(cols["window_start_ms"][i]), int(cols["window_ms"][i])
-                if start < self.counted_until_ms.get(uuid, start):
-                    continue  # counted already
+                start = int(cols["window_start_ms"][i])
                 acc = self.state_ms.setdefault(uuid, [0, 0, 0, 0])
                 for k, (_, col) in enumerate(STATES):
                     acc[k] += int(cols[col][i])
                 self.energy_mj[uuid] = self.energy_mj.get(uuid, 0) + int(cols["energy_mj"][i])
-                self.counted_until_ms[uuid] = start + win
-                self.windows += 1
                 prev = self.latest.get(uuid)
                 if prev is None or start >= prev["window_start_ms"]:
                     self.latest[uuid] = {c: cols[c][i] for c in _WINDOW_COLUMNS}
@@ -166,23 +151,23 @@ class GpuTotals:
         for uuid, pods in found.items():
             self.pods[uuid] = tuple(sorted(pods))
 
-    def snapshot(self) -> tuple[dict, dict, dict, dict, int]:
+    def snapshot(self) -> tuple[dict, dict, dict, dict]:
         with self._lock:
             return ({u: list(v) for u, v in self.state_ms.items()}, dict(self.energy_mj), dict(self.latest),
-                    dict(self.pods), self.windows)
+                    dict(self.pods))
 
 
 def _chain(prev: Callable | None, fn: Callable) -> Callable:
-    """A hook that calls `prev` (an existing hook, if any), then `fn`; a failure of `fn` is logged,
-    never raised into the daemon's pipeline that calls the hook."""
+    """A hook that calls `fn`, then `prev` (the hook already there, if any). A failure of `fn` is
+    logged and `prev` still runs; `fn` has run whatever `prev` does."""
 
     def hook(arg) -> None:
-        if prev is not None:
-            prev(arg)
         try:
             fn(arg)
         except Exception:
             log.exception("metrics hook failed")
+        if prev is not None:
+            prev(arg)
 
     return hook
 
@@ -191,15 +176,14 @@ _HOOK_LOCK = threading.Lock()
 
 
 def _attached(table: weakref.WeakKeyDictionary, owner, hook: str, make: Callable, method: str):
-    """The one `make()` object of `owner`, kept in `table`; made on first use and, when the owner
-    has a `hook` attribute, fed through it (`obj.hooked` tells which)."""
+    """The one `make()` object of `owner`, kept in `table`: made on first use and fed through the
+    owner's `hook` attribute (a hook already there is kept, called after it), so that however
+    many registries read an owner, each call is counted once."""
     with _HOOK_LOCK:
         obj = table.get(owner)
         if obj is None:
             obj = table[owner] = make()
-            obj.hooked = hasattr(owner, hook)
-            if obj.hooked:
-                setattr(owner, hook, _chain(getattr(owner, hook), getattr(obj, method)))
+            setattr(owner, hook, _chain(getattr(owner, hook), getattr(obj, method)))
         return obj
 
 
@@ -207,9 +191,7 @@ _TOTALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gpu_totals(agent) -> GpuTotals:
-    """The one GpuTotals of an agent. If the agent has an `on_closed` hook (called with every Closed
-    it closes), the totals are fed from it and count every window; otherwise they are fed at each
-    scrape with `agent.last_closed`, and windows closed between scrapes by earlier steps are missed."""
+    """The one GpuTotals of an agent, fed by its `on_closed` hook with every Closed it closes."""
     return _attached(_TOTALS, agent, "on_closed", GpuTotals, "feed")
 
 
@@ -289,8 +271,7 @@ class GpuCollector(Collector):
         self.dcgm = {g.uuid for g in self.gpus if "-unallocated-" not in g.uuid}
 
     def collect(self):
-        self.totals.feed(getattr(self.agent, "last_closed", None))
-        state_ms, energy, latest, pods, counted = self.totals.snapshot()
+        state_ms, energy, latest, pods = self.totals.snapshot()
         f = _Families()
         for g in self.gpus:
             labels = self.labels[g.uuid]
@@ -313,10 +294,6 @@ class GpuCollector(Collector):
                 continue
             for pod_labels in ([{**labels, "pod_uid": p} for p in pods.get(g.uuid, ())] or [labels]):
                 self._window_gauges(f, g.uuid, w, pod_labels)
-        f.counter("gpuledger_agent_metrics_windows_counted",
-                  "GPU-windows the per-GPU counters have counted; below gpuledger_agent_windows_sampled_total "
-                  "when windows closed between two scrapes went unseen (the agent does not feed every close)",
-                  {}, counted)
         yield from f.fams.values()
 
     def _window_gauges(self, f: _Families, uuid: str, w: dict, labels: dict[str, str]) -> None:
@@ -374,58 +351,28 @@ def agent_registry(agent, spool, shipper) -> CollectorRegistry:
 
 
 # ====================================================================================== collector
-class InsertLatency:
-    """Cumulative histogram of the writer's group-commit latency (failed inserts included).
-
-    `observe(seconds)` is the hook: a writer with an `on_commit` attribute calls it once per commit.
-    A writer without one keeps only a bounded list of recent latencies (`insert_latency_s`, trimmed
-    from the front); `catch_up(list)` then observes the entries added since the previous call,
-    finding where it stopped by the identity of the last entry it took (each entry is its own float
-    object, and the reference held here keeps it from being reused). Entries trimmed before any
-    scrape saw them are not observed; nothing is ever subtracted.
-    """
-
-    def __init__(self) -> None:
-        self.histogram = Histogram("gpuledger_collector_insert_seconds",
-                                   "Group-commit insert latency, failed inserts included", buckets=LATENCY_BUCKETS,
-                                   registry=None)
-        self.hooked = False
-        self._last = None
-        self._lock = threading.Lock()
-
-    def observe(self, seconds: float) -> None:
-        self.histogram.observe(seconds)
-
-    def catch_up(self, samples: list) -> None:
-        with self._lock:
-            snap = list(samples)  # one C-level copy: consistent against the writer's appends and trims
-            start = 0
-            if self._last is not None:
-                for i in range(len(snap) - 1, -1, -1):
-                    if snap[i] is self._last:
-                        start = i + 1
-                        break
-            for x in snap[start:]:
-                self.histogram.observe(x)
-            if snap:
-                self._last = snap[-1]
+def _insert_histogram() -> Histogram:
+    return Histogram("gpuledger_collector_insert_seconds", "Group-commit insert latency, failed inserts included",
+                     buckets=LATENCY_BUCKETS, registry=None)
 
 
 _LATENCY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def insert_latency(writer) -> InsertLatency:
-    """The one InsertLatency of a writer, hooked to its `on_commit` when it has that attribute."""
-    return _attached(_LATENCY, writer, "on_commit", InsertLatency, "observe")
+def insert_latency(writer) -> Histogram:
+    """The one cumulative insert-latency histogram of a writer, fed by its `on_commit` hook (called
+    with each group commit's latency in seconds, failed inserts included)."""
+    return _attached(_LATENCY, writer, "on_commit", _insert_histogram, "observe")
 
 
 class AgentLastBatch:
     """When each agent's latest batch was stored, from the store's session records (received_ms, the
-    collector's clock), so every collector sharing a store tells the same; agents whose latest run
-    stopped on purpose are left out. The query scans that
-    log's last `horizon_ms` and runs at most once per `refresh_s`, on a thread of its own: a scrape
-    waits for it at most `wait_s`, then answers with what it had (a store that hangs must not hang
-    the metrics endpoint). Agents silent longer than the horizon are retired and left out."""
+    collector's clock), so every collector sharing a store tells the same. An agent whose latest run
+    stopped on purpose (its stop batch stored) is not silent and is left out; a run that restarts
+    brings it back. The query reads the runs with a batch in the last `horizon_ms` and runs at most
+    once per `refresh_s`, on a thread of its own: a scrape waits for it at most `wait_s`, then
+    answers with what it had (a store that hangs must not hang the metrics endpoint). Agents silent
+    longer than the horizon are retired and left out."""
 
     def __init__(self, store, clock, refresh_s: float = 30.0, horizon_ms: int = AGENT_HORIZON_MS,
                  wait_s: float = 2.0) -> None:
@@ -516,12 +463,11 @@ def collector_registry(collector, agents_refresh_s: float = 30.0) -> CollectorRe
         for svc in ("gpuledger.v1.Telemetry", "gpuledger.v1.Query"):
             serving.add_metric([svc], 1 if collector.serving.get(svc) else 0)
         yield serving
-        if not latency.hooked:
-            latency.catch_up(w.insert_latency_s)
-        yield from latency.histogram.collect()
+        yield from latency.collect()
         last = GaugeMetricFamily("gpuledger_collector_agent_last_batch_timestamp_seconds",
-                                 "Unix time the store received each agent's latest batch (agents silent for "
-                                 "7 days are left out: retired)", labels=["agent_id", "host_id"])
+                                 "Unix time the store received each agent's latest batch (left out: agents "
+                                 "whose latest run stopped on purpose, and agents silent for 7 days: retired)",
+                                 labels=["agent_id", "host_id"])
         for (agent_id, host_id), ms in sorted(agents.values().items()):
             last.add_metric([agent_id, host_id], ms / 1000)
         yield last

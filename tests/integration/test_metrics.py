@@ -80,14 +80,77 @@ def test_agent_metrics(collector, tmp_path):
     try:
         m = _scrape(port)
         assert m["gpuledger_agent_windows_sampled_total"] == 2 * 60
-        assert m["gpuledger_agent_batches_spooled_total"] == agent.batches_spooled == 11  # 10 + the closing one
-        assert m["gpuledger_agent_batches_acked_total"] == 11
-        assert m["gpuledger_agent_windows_acked_total"] == 120
+        # ten flushes, the window close() closed, and close()'s stop batch (no windows, stopped_ms set)
+        assert m["gpuledger_agent_batches_spooled_total"] == agent.batches_spooled == 10 + 1 + 1
+        assert m["gpuledger_agent_batches_acked_total"] == 12
+        assert m["gpuledger_agent_windows_acked_total"] == 120  # the stop batch carries none
+        stored = collector.store.query_rows("SELECT windows FROM gpuledger.agent_batches "
+                                            "WHERE agent_id = 'metrics-host' ORDER BY seq")
+        assert [w for (w,) in stored][-1] == 0 and sum(w > 0 for (w,) in stored) == 11
+        assert collector.store.query_rows("SELECT max(stopped_ms) FROM gpuledger.sessions "
+                                          "WHERE host_id = 'metrics-host'")[0][0] == clock.now_us() // 1000
         assert m["gpuledger_agent_windows_dropped_total"] == 0
         assert m["gpuledger_agent_spool_pending_windows"] == 0
     finally:
         server.shutdown()
         sh.close()
+
+
+def test_an_agent_stopped_on_purpose_is_not_silent_a_killed_one_is(collector, tmp_path):
+    """Real agents ship to a real collector: the one whose latest run ended with close() (its stop batch
+    stored) has no last-batch series, so GpuledgerAgentSilent cannot fire for it; the one killed
+    keeps its series; a restart of the stopped one brings its series back."""
+    start = aligned_start_us(hours_ago=1)
+    clock = SimClock(start)
+    hosts = {}
+    for host_id in ("stopped-host", "killed-host"):
+        cfg = AgentConfig(host_id=host_id, collector=collector.address, flush_s=60)
+        spool = Spool(tmp_path / host_id, fsync=False)
+        agent = Agent(cfg, SimulatedSource(host_id, "T4", [SimGpu("training")], start), clock, spool, start_us=start)
+        hosts[host_id] = (cfg, spool, agent, Shipper(collector.address, spool).start())
+    reg = collector_registry(collector, agents_refresh_s=0)
+
+    def step_all(minutes: int) -> None:
+        for _ in range(minutes):
+            clock.advance(60)
+            for _, _, agent, _ in hosts.values():
+                agent.step()
+
+    def last_batch() -> dict[str, float]:
+        assert all(sh.drain(30) for *_, sh in hosts.values())
+        m = scrape_registry(reg)
+        assert m["gpuledger_collector_agent_last_batch_query_errors_total"] == 0
+        return {k.split('agent_id="')[1].split('"')[0]: v for k, v in m.items() if "last_batch_timestamp" in k}
+
+    def received(host_id: str) -> float:
+        return collector.store.query_rows("SELECT max(received_ms) FROM gpuledger.sessions WHERE host_id = "
+                                          "{h:String}", {"h": host_id})[0][0] / 1000
+
+    try:
+        step_all(3)
+        assert last_batch() == {"stopped-host": received("stopped-host"), "killed-host": received("killed-host")}
+        hosts["stopped-host"][2].close()  # SIGTERM: the stop batch is spooled and shipped
+        step_all(2)  # the killed host's agent keeps shipping for two more minutes, then dies
+        assert last_batch() == {"killed-host": received("killed-host")}
+        assert collector.store.query_rows("SELECT max(stopped_ms) FROM gpuledger.sessions WHERE host_id = "
+                                          "'stopped-host'")[0][0] == (start + 3 * 60_000_000) // 1000
+        # the killed agent sends nothing more and no stop: its series stays at its last batch
+        before = received("killed-host")
+        clock.advance(600)
+        assert last_batch() == {"killed-host": before}
+        # the stopped host's agent starts again: a new run without a stop, its series is back
+        cfg, spool, _, _ = hosts["stopped-host"]
+        again = Agent(cfg, SimulatedSource(cfg.host_id, "T4", [SimGpu("training")], clock.now_us()), clock, spool)
+        assert again.session_start_ms > start // 1000
+        for _ in range(2):
+            clock.advance(60)
+            again.step()
+        again.flush()
+        assert last_batch() == {"stopped-host": received("stopped-host"), "killed-host": before}
+    finally:
+        for _, spool, _, sh in hosts.values():
+            sh.close()
+            spool.close()
 
 
 def test_agents_last_batch_follows_the_store_and_retires_silent_agents(store):

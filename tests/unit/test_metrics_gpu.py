@@ -1,5 +1,5 @@
 """The agent's per-GPU metrics: dcgm-exporter's names and labels, figures from the closed windows,
-state-seconds counted once and never going backwards.
+state-seconds counted once (fed by the agent's `on_closed` hook) and never going backwards.
 
 The GPUs are the fake pynvml's (the hardware boundary); everything above it is the real NvmlSource,
 windower, agent and spool.
@@ -103,6 +103,30 @@ class Host:
         now_ms = self.clock.now_us() // 1000
         return [validate(pb.WindowBatch.FromString(self.spool.read(r)), now_ms) for r in self.spool.pending()]
 
+    def spooled_totals(self) -> tuple[dict[str, list[float]], dict[str, int]]:
+        """Seconds per state (active, idle_held, idle_free, unmonitored) and energy in mJ per GPU
+        device, summed over the windows spooled: what the collector receives."""
+        seconds: dict[str, list[float]] = {}
+        energy: dict[str, int] = {}
+        for v in self.spooled():
+            t = v.gpu.to_pydict()
+            for i, uuid in enumerate(t["gpu_uuid"]):
+                acc = seconds.setdefault(uuid, [0.0, 0.0, 0.0, 0.0])
+                for k, c in enumerate(("busy_ms", "idle_held_ms", "idle_free_ms", "unmonitored_ms")):
+                    acc[k] += t[c][i] / 1000
+                energy[uuid] = energy.get(uuid, 0) + t["energy_mj"][i]
+        return seconds, energy
+
+    def state_seconds(self, m, gpu) -> list[float]:
+        """The scraped gpuledger_gpu_state_seconds_total of one device (a GpuFacts), in STATES order."""
+        match = {"UUID": gpu.parent_uuid or gpu.uuid}
+        if "unallocated" in gpu.uuid:
+            match["GPU_I_PROFILE"] = "unallocated"
+        elif gpu.mig:
+            match["GPU_I_ID"] = gpu.uuid
+        return [one(m["gpuledger_gpu_state_seconds_total"], state=s, **match)[1]
+                for s in ("active", "idle_held", "idle_free", "unmonitored")]
+
     def close(self) -> None:
         self.spool.close()
 
@@ -151,7 +175,8 @@ def test_names_types_and_labels_are_dcgm_exporters(host):
     assert free.uuid.endswith("-unallocated-4of7")
     assert not any(lab.get("GPU_I_PROFILE") == "unallocated" for n in exported for lab, _ in m[n])
     lab, v = one(m["gpuledger_gpu_state_seconds_total"], GPU_I_PROFILE="unallocated", state="idle_free")
-    assert lab["UUID"] == mig_gpu.uuid and v == 10.0  # one scrape, no hook: the latest close's window only
+    # windows [0,10) and [10,20) s are closed at 30 s (2 s lateness), each counted by the hook
+    assert lab["UUID"] == mig_gpu.uuid and v == 20.0
 
 
 def test_gauges_are_the_latest_window_and_unmonitored_is_not_zero(host):
@@ -188,48 +213,24 @@ def test_gauges_are_the_latest_window_and_unmonitored_is_not_zero(host):
     assert unmon >= 10.0
 
 
-def test_state_seconds_count_every_window_once_when_fed_each_close(host):
-    # The hook the agent is to call with every Closed (`agent.on_closed`): present before the
-    # registry is made, the totals attach to it; here the test calls it as Agent.step would.
-    host.agent.on_closed = None
+def test_state_seconds_count_every_window_once(host):
     reg = agent_registry(host.agent, host.spool, host.shipper)
-    assert host.agent.on_closed is not None
-    seen = []
-
-    def after_step(_i):
-        c = host.agent.last_closed
-        if c is not None and (not seen or c is not seen[-1]):
-            seen.append(c)
-            host.agent.on_closed(c)
-
-    host.run(600, every=after_step)
-    host.agent.flush()
+    host.run(600)
+    host.agent.close()  # closes the open window [590, 600) s through the hook too
     m = scrape(reg)
-    m2 = scrape(reg)  # the scrape feeds last_closed again: nothing counted twice
-    assert m2["gpuledger_gpu_state_seconds_total"] == m["gpuledger_gpu_state_seconds_total"]
-    assert m["gpuledger_agent_metrics_windows_counted_total"][0][1] == host.agent.windows_sampled
+    assert scrape(reg)["gpuledger_gpu_state_seconds_total"] == m["gpuledger_gpu_state_seconds_total"]
+    assert host.agent.windows_sampled == 4 * 60
     # the same figures as the batches the collector receives, read back from the spool
-    want: dict[str, list[int]] = {}
-    energy: dict[str, int] = {}
-    for v in host.spooled():
-        t = v.gpu.to_pydict()
-        for i, uuid in enumerate(t["gpu_uuid"]):
-            acc = want.setdefault(uuid, [0, 0, 0, 0])
-            for k, c in enumerate(("busy_ms", "idle_held_ms", "idle_free_ms", "unmonitored_ms")):
-                acc[k] += t[c][i]
-            energy[uuid] = energy.get(uuid, 0) + t["energy_mj"][i]
+    want, energy = host.spooled_totals()
     facts = host.source.gpus()
     assert len(want) == len(facts) == 4
     for g in facts:
-        got = [one(m["gpuledger_gpu_state_seconds_total"], UUID=g.parent_uuid or g.uuid, state=s,
-                   **({"GPU_I_PROFILE": "unallocated"} if "unallocated" in g.uuid else
-                      {"GPU_I_ID": g.uuid} if g.mig else {}))[1]
-               for s in ("active", "idle_held", "idle_free", "unmonitored")]
-        assert got == [ms / 1000 for ms in want[g.uuid]], g.uuid
-        assert sum(got) == 590.0  # 59 closed windows of 10 s: every GPU-second in exactly one state
+        got = host.state_seconds(m, g)
+        assert got == pytest.approx(want[g.uuid], abs=1e-9), g.uuid
+        assert sum(got) == pytest.approx(600.0)  # 60 windows of 10 s: every GPU-second in exactly one state
     h100 = host.gpus[0]
     assert one(m["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"], UUID=h100.uuid)[1] == energy[h100.uuid]
-    assert energy[h100.uuid] == pytest.approx(542.5 * 590 * 1000, rel=0.002)  # W x s = J; in mJ
+    assert energy[h100.uuid] == pytest.approx(542.5 * 600 * 1000, rel=0.002)  # W x s = J; in mJ
 
 
 def test_counters_never_go_backwards_across_scrapes(host):
@@ -248,7 +249,7 @@ def test_counters_never_go_backwards_across_scrapes(host):
             host.gpus[0].lost = True  # a GPU lost and back: unmonitored time, then readings again
         if k == 14:
             host.gpus[0].lost = False
-        host.run(23)  # scrapes less often than windows close: the last Closed only, as a bare agent
+        host.run(23)  # scrapes less often than windows close: two or three closes between scrapes
         now = scrape_counters()
         if counters is not None:
             assert set(counters) <= set(now)  # no series disappears
@@ -260,9 +261,20 @@ def test_counters_never_go_backwards_across_scrapes(host):
     grew = [k for k in last if k[0] == "gpuledger_gpu_state_seconds_total" and last[k] > first.get(k, 0)]
     assert any(dict(k[1])["state"] == "unmonitored" for k in grew)
     assert any(dict(k[1])["state"] == "active" for k in grew)
-    # fed only at scrapes, the per-GPU counters see a part of the windows and say so
-    counted = last[("gpuledger_agent_metrics_windows_counted_total", ())]
-    assert 0 < counted < host.agent.windows_sampled
+    # every window closed between scrapes was counted: the totals are the spooled windows' sums
+    host.agent.flush()
+    want, _ = host.spooled_totals()
+    m = scrape(reg)
+    for g in host.source.gpus():
+        got = host.state_seconds(m, g)
+        assert got == pytest.approx(want[g.uuid], abs=1e-9), g.uuid
+        assert sum(got) == pytest.approx(550.0)  # 24 x 23 s = 552 s: windows up to 550 s closed
+    # the H100 was lost from 184 s to 322 s (and is found again at its next 10 s retry): its time
+    # alone is unmonitored
+    unmonitored = {g.uuid: host.state_seconds(m, g)[3] for g in host.source.gpus()}
+    h100 = host.gpus[0].uuid
+    assert 322 - 184 <= unmonitored.pop(h100) <= 322 - 184 + 10
+    assert set(unmonitored.values()) == {0.0}
 
 
 def test_totals_are_one_per_agent_and_chain_an_existing_hook(host):
@@ -270,7 +282,23 @@ def test_totals_are_one_per_agent_and_chain_an_existing_hook(host):
     host.agent.on_closed = calls.append
     t = gpu_totals(host.agent)
     assert gpu_totals(host.agent) is t
-    agent_registry(host.agent, host.spool, host.shipper)  # a second registry shares the totals
-    host.run(12)
-    host.agent.on_closed(host.agent.last_closed)
-    assert calls == [host.agent.last_closed] and t.windows == 4
+    reg = agent_registry(host.agent, host.spool, host.shipper)  # a second reader shares the totals
+    agent_registry(host.agent, host.spool, host.shipper)  # and a third
+    host.run(12)  # closes the window [0, 10) s
+    assert len(calls) == 1 and calls[0] is host.agent.last_closed  # the existing hook still gets it
+    state_ms, *_ = t.snapshot()
+    assert {u: sum(ms) for u, ms in state_ms.items()} == {g.uuid: 10_000 for g in host.source.gpus()}  # once
+    assert sum(v for _, v in scrape(reg)["gpuledger_gpu_state_seconds_total"]) == 4 * 10.0
+
+
+def test_a_failing_existing_hook_neither_stops_the_agent_nor_the_counting(host, caplog):
+    def broken(_closed):
+        raise RuntimeError("a hook of someone else's")
+
+    host.agent.on_closed = broken
+    reg = agent_registry(host.agent, host.spool, host.shipper)
+    host.run(32)  # three windows closed, each time the old hook raises
+    assert host.agent.windows_sampled == 4 * 3
+    assert sum(v for _, v in scrape(reg)["gpuledger_gpu_state_seconds_total"]) == 4 * 30.0
+    failures = [r for r in caplog.records if r.exc_info and str(r.exc_info[1]) == "a hook of someone else's"]
+    assert len(failures) == 3  # logged by the agent, once per Closed

@@ -1,5 +1,5 @@
-"""The collector's insert-latency histogram is cumulative: it never goes backwards when the writer
-trims its list of recent latencies, and with an `on_commit` hook it counts every commit once."""
+"""The collector's insert-latency histogram counts every group commit once, through the writer's
+`on_commit` hook, and is cumulative: the writer's own bounded list of recent latencies plays no part."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ def histogram(reg) -> dict[str, float]:
     return out
 
 
-def commit(writer, seconds: float) -> None:
+def commit(writer, seconds: float) -> float:
     """One resolved group commit of the real Writer, its latency `seconds` (an empty group: the
-    bookkeeping Writer._resolve does after every insert, without a store round trip)."""
+    bookkeeping Writer._resolve does after every insert, without a store round trip). Returns the
+    latency the writer measured (`seconds` and the few microseconds of the call)."""
     writer._resolve([], 0, None, time.perf_counter() - seconds)
+    return writer.last_insert_s
 
 
 def assert_not_backwards(before: dict, after: dict) -> None:
@@ -33,51 +35,54 @@ def assert_not_backwards(before: dict, after: dict) -> None:
         assert after[k] >= v, (k, v, after[k])
 
 
-def test_histogram_is_cumulative_across_the_writers_trims(collector):
+def test_every_commit_is_counted_however_many_pass_between_scrapes(collector):
     reg = collector_registry(collector)
     w = collector.writer
     prev = histogram(reg)
     assert prev["_count"] == 0 and set(prev) >= {f"_bucket{{le={b}}}" for b in LATENCY_BUCKETS}
-    slow = 0
-    for _round in range(6):
-        for i in range(1000):
-            s = 0.3 if i % 10 == 0 else 0.001
-            slow += s == 0.3
-            commit(w, s)
+    measured: list[float] = []
+    for n in (1000, 5000, 1000):  # 5000 is more than the writer's list of recent latencies keeps
+        measured += [commit(w, 0.3 if i % 10 == 0 else 0.001) for i in range(n)]
         now = histogram(reg)
         assert_not_backwards(prev, now)
         prev = now
-    assert len(w.insert_latency_s) < 6000  # the writer trimmed its list (twice) meanwhile
-    assert prev["_count"] == 6000
-    assert prev["_bucket{le=0.25}"] == 6000 - slow and prev["_bucket{le=+Inf}"] == 6000
-    assert prev["_bucket{le=0.5}"] == 6000 and slow == 600
-    assert 0.3 * 600 < prev["_sum"] < 0.3 * 600 + 0.01 * 6000
+    assert len(w.insert_latency_s) == 4096 < 7000  # the writer trimmed its own list meanwhile
+    assert prev["_count"] == prev["_bucket{le=+Inf}"] == 7000
+    for b in LATENCY_BUCKETS:  # each bucket holds exactly the commits the writer measured at most b
+        assert prev[f"_bucket{{le={b}}}"] == sum(x <= b for x in measured), b
+    assert prev["_bucket{le=0.25}"] <= 6300 and prev["_bucket{le=0.5}"] == 7000  # 700 of 0.3 s, the rest 1 ms
+    assert prev["_sum"] == pytest.approx(sum(measured), rel=1e-12)
 
 
-def test_more_commits_than_the_list_keeps_between_scrapes_lose_some_but_never_go_back(collector):
-    reg = collector_registry(collector)
+def test_commits_fill_their_buckets_and_a_second_registry_shares_the_histogram(collector):
     w = collector.writer
-    for _ in range(100):
-        commit(w, 0.002)
-    first = histogram(reg)
-    for _ in range(5000):  # over 4096 between two scrapes: the writer trims entries no scrape saw
-        commit(w, 0.002)
-    second = histogram(reg)
-    assert_not_backwards(first, second)
-    assert first["_count"] == 100 and 100 < second["_count"] <= 5100
-
-
-def test_on_commit_hook_counts_each_commit_once(collector):
-    w = collector.writer
-    w.on_commit = None  # the Writer attribute the lead adds; the registry hooks the histogram to it
     reg = collector_registry(collector)
-    assert insert_latency(w).hooked and w.on_commit is not None
-    for s in (0.02, 0.2, 2.0):
-        commit(w, s)  # appends to the bounded list, which a hooked histogram no longer reads
-        w.on_commit(s)  # what Writer._resolve is to call after each commit
+    assert w.on_commit is not None
+    measured = [commit(w, s) for s in (0.02, 0.2, 2.0)]
     h = histogram(reg)
-    assert h["_count"] == 3 and h["_sum"] == pytest.approx(2.22)
-    assert (h["_bucket{le=0.025}"], h["_bucket{le=0.25}"], h["_bucket{le=2.5}"]) == (1, 2, 3)
-    collector_registry(collector)  # a second registry on the same writer shares the histogram
-    w.on_commit(0.02)
-    assert histogram(reg)["_count"] == 4
+    assert h["_count"] == 3 and h["_sum"] == pytest.approx(sum(measured), rel=1e-12)
+    assert h["_bucket{le=0.01}"] == 0 and h["_bucket{le=+Inf}"] == 3
+    for b in LATENCY_BUCKETS:
+        assert h[f"_bucket{{le={b}}}"] == sum(x <= b for x in measured), b
+    reg2 = collector_registry(collector)  # a second registry on the same writer: the same histogram,
+    assert insert_latency(w) is insert_latency(w)
+    commit(w, 0.02)  # and one more commit is counted once, not once per registry
+    assert histogram(reg)["_count"] == histogram(reg2)["_count"] == 4
+
+
+def test_an_existing_commit_hook_is_kept_and_its_failure_loses_no_count(collector, caplog):
+    w = collector.writer
+    seen = []
+
+    def existing(seconds):
+        seen.append(seconds)
+        raise RuntimeError("a hook of someone else's")
+
+    w.on_commit = existing
+    reg = collector_registry(collector)
+    measured = [commit(w, s) for s in (0.002, 0.04)]
+    assert seen == measured  # the hook that was there still gets every commit
+    h = histogram(reg)
+    assert h["_count"] == 2 and h["_sum"] == pytest.approx(sum(measured), rel=1e-12)
+    failures = [r for r in caplog.records if r.exc_info and str(r.exc_info[1]) == "a hook of someone else's"]
+    assert len(failures) == 2  # logged by the writer; the commits went on
