@@ -206,7 +206,7 @@ class Agent:
         self.windows_sampled = 0
         self.batches_spooled = 0
         self.unhealthy_polls = 0
-        self.last_closed: Closed | None = None  # the windows closed by the latest step (per-GPU metrics read it)
+        self.last_closed: Closed | None = None  # the windows closed by the latest step
         self.on_closed = None  # called with every Closed (per-GPU metrics count each window once)
         self._closed = False
 

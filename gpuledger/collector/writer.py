@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from concurrent import futures
 
 from gpuledger.clock import Clock
@@ -32,7 +31,6 @@ class Writer:
         self.on_health = on_health or (lambda serving: None)
         self.store_errors_retryable = 0
         self.store_errors_permanent = 0
-        self.insert_latency_s: deque[float] = deque(maxlen=4096)  # recent commit latencies
         self.on_commit = None  # called with each commit's latency in seconds (metrics)
         self.clock = clock
         self.max_rows = max_rows
@@ -160,7 +158,6 @@ class Writer:
             if not err.retryable:
                 self.on_health(False)
         self.last_insert_s = time.perf_counter() - t0
-        self.insert_latency_s.append(self.last_insert_s)
         if self.on_commit is not None:
             try:
                 self.on_commit(self.last_insert_s)
