@@ -51,8 +51,38 @@ class IngestStats:
 @dataclass
 class _HostState:
     earliest_ms: int | None = None  # the host's earliest window, stored or accepted
-    spans: dict = field(default_factory=dict)  # (gpu, window_ms) -> [first start, last end]
+    spans: dict = field(default_factory=dict)  # (gpu, window_ms) -> [first start, last end] of stored windows
+    runs: dict = field(default_factory=dict)  # (gpu, window_ms) -> merged [start, end) runs accepted by this process
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _merge_runs(runs: list, starts: np.ndarray, w: int) -> list:
+    """Runs (merged [start, end) intervals) with the windows `starts` of length `w` added."""
+    if starts.size == 0:
+        return runs
+    brk = np.flatnonzero(np.diff(starts) != w) + 1
+    new = [(int(a[0]), int(a[-1]) + w) for a in np.split(starts, brk)]
+    out: list = []
+    for a, b in sorted([tuple(r) for r in runs] + new):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _first_overlap(starts: np.ndarray, ends: np.ndarray, intervals: list) -> tuple[int, tuple] | None:
+    """The first window [starts[i], ends[i]) that overlaps one of the sorted, disjoint `intervals`."""
+    iv_start = np.array([a for a, _ in intervals], np.int64)
+    iv_end = np.array([b for _, b in intervals], np.int64)
+    j = np.searchsorted(iv_end, starts, side="right")  # first interval ending after each window's start
+    ok = j < iv_start.size
+    hit = ok & (iv_start[np.minimum(j, iv_start.size - 1)] < ends)
+    if not hit.any():
+        return None
+    i = int(np.flatnonzero(hit)[0])
+    k = int(j[i])
+    return i, (int(iv_start[k]), int(iv_end[k]))
 
 
 class Ingest:
@@ -128,51 +158,57 @@ class Ingest:
                     v.declared_first[g.uuid] = g.first_window_ms
             if v.warnings:
                 self.stats.bounded += 1
-            # accepted: later batches are checked against these windows too
+            # accepted: later batches are checked against these windows too, stored yet or not
             if batch_first is not None:
                 st.earliest_ms = batch_first if st.earliest_ms is None else min(st.earliest_ms, batch_first)
-            for (g, w), (first, last) in self._spans_of(v).items():
-                span = st.spans.setdefault((g, w), [first, last])
-                span[0], span[1] = min(span[0], first), max(span[1], last)
+            for key, (starts, w) in self._grids(v).items():
+                st.runs[key] = _merge_runs(st.runs.get(key, []), starts, w)
 
     @staticmethod
-    def _spans_of(v: Valid) -> dict:
+    def _grids(v: Valid) -> dict:
+        """(gpu, window_ms) -> (sorted window starts, window_ms) of a batch."""
         g = v.gpu.column("gpu_uuid").to_numpy(zero_copy_only=False)
         w = v.gpu.column("window_ms").to_numpy().astype(np.int64)
         s = v.gpu.column("window_start_ms").to_numpy()
         out = {}
         for key in set(zip(g.tolist(), w.tolist(), strict=True)):
             m = (g == key[0]) & (w == key[1])
-            out[key] = (int(s[m].min()), int((s[m] + w[m]).max()))
+            out[key] = (np.sort(s[m]), int(key[1]))
         return out
 
     def _check_overlap(self, v: Valid, st: _HostState) -> None:
-        """A window overlapping a stored window of another length is refused, naming both. Windows of one
-        length sit on one grid and never overlap, so the store is read only where the spans of two lengths
-        of one GPU meet (an agent whose window_s changed)."""
+        """A window overlapping another window of a different length is refused, naming both. Windows of one
+        length sit on one grid and never overlap: only a GPU whose window length changed (an agent restarted
+        with another window_s) needs looking at. Windows this process accepted are checked exactly (stored or
+        still in the writer's queue); older stored ones where the span of another length meets the batch."""
         host_id = v.batch.host.host_id
-        for (g, w), (lo, hi) in self._spans_of(v).items():
+        for (g, w), (starts, _) in self._grids(v).items():
+            ends = starts + w
+            for (g2, w2), runs in st.runs.items():
+                if g2 != g or w2 == w or not runs:
+                    continue
+                hit = _first_overlap(starts, ends, runs)
+                if hit is not None:
+                    a, (ra, rb) = hit
+                    raise Invalid(f"gpu_windows.window_start_ms: window ({int(starts[a])}, {w} ms) of GPU {clip(g)} "
+                                  f"overlaps windows of {w2} ms already accepted ({ra}..{rb})")
             for (g2, w2), (first, last) in list(st.spans.items()):
-                if g2 != g or w2 == w or hi <= first or lo >= last or self.store is None:
+                if g2 != g or w2 == w or ends[-1] <= first or starts[0] >= last or self.store is None:
                     continue
                 rows = self.store.query_rows(
                     f"SELECT window_start_ms, window_ms FROM {self.store.db}.gpu_windows "
                     "WHERE host_id = {h:String} AND gpu_uuid = {g:String} AND window_ms != {w:UInt32} "
                     "AND window_start_ms < {hi:Int64} AND window_start_ms + window_ms > {lo:Int64} "
-                    "ORDER BY window_start_ms", {"h": host_id, "g": g, "w": w, "hi": hi, "lo": lo})
+                    "ORDER BY window_start_ms",
+                    {"h": host_id, "g": g, "w": w, "hi": int(ends[-1]), "lo": int(starts[0])})
                 if not rows:
                     continue
-                ss = np.array([r[0] for r in rows], np.int64)
-                se = ss + np.array([r[1] for r in rows], np.int64)
-                mine = (v.gpu.column("gpu_uuid").to_numpy(zero_copy_only=False) == g) & (
-                    v.gpu.column("window_ms").to_numpy() == w)
-                starts = v.gpu.column("window_start_ms").to_numpy()
-                for r in np.flatnonzero(mine):
-                    a, b = int(starts[r]), int(starts[r]) + w
-                    j = int(np.searchsorted(se, a, side="right"))
-                    if j < ss.size and ss[j] < b:
-                        raise Invalid(f"gpu_windows.window_start_ms: window at row {r} ({a}, {w} ms) of GPU "
-                                      f"{clip(g)} overlaps the stored window ({int(ss[j])}, {int(se[j] - ss[j])} ms)")
+                stored = [(int(r[0]), int(r[0]) + int(r[1])) for r in rows]
+                hit = _first_overlap(starts, ends, stored)
+                if hit is not None:
+                    a, (ra, rb) = hit
+                    raise Invalid(f"gpu_windows.window_start_ms: window ({int(starts[a])}, {w} ms) of GPU {clip(g)} "
+                                  f"overlaps the stored window ({ra}, {rb - ra} ms)")
 
     # ------------------------------------------------------------------ one batch
     def handle(self, raw: bytes, principal=None) -> futures.Future:

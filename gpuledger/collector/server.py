@@ -237,8 +237,11 @@ class Collector:
                         except TimeoutError:
                             idle = True
                             return
-                        await pending.put(loop.run_in_executor(self._validate_pool, self.ingest.handle, raw,
-                                                               principal))
+                        # one batch of a stream at a time is validated (in order: a batch is checked against
+                        # the ones before it); its commit is awaited by the writer loop below, so validating the
+                        # next batch overlaps storing this one
+                        await pending.put(await loop.run_in_executor(self._validate_pool, self.ingest.handle, raw,
+                                                                     principal))
                 except (grpc.RpcError, asyncio.CancelledError):
                     pass  # the agent went away; its unacknowledged batches stay in its spool
                 except Exception:
@@ -252,8 +255,7 @@ class Collector:
                     item = await pending.get()
                     if item is None:
                         break
-                    ack_future = await item  # ingest.handle's own future: resolved once stored or refused
-                    yield await asyncio.wrap_future(ack_future)
+                    yield await asyncio.wrap_future(item)  # resolved once stored or refused
             finally:
                 task.cancel()
             if idle:
