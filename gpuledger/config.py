@@ -107,7 +107,7 @@ class CollectorConfig:
     max_batch_rows: int = 200_000
     max_gpus_per_batch: int = 1024
     max_streams: int = 10_000  # agent streams open at once (streams are cheap: no thread each)
-    max_streams_per_agent: int = 4  # streams one credential (or, without tokens, one peer address) may hold
+    max_streams_per_agent: int = 4  # streams one credential (without tokens: one host id) may hold
     stream_idle_timeout_s: float = 300.0  # a stream that carries no batch this long is closed
     report_workers: int = 2  # reports computed at once; more wait (up to 4 times as many), then are refused
     report_memory_mb: int = 2048  # ClickHouse memory limit of one report query; group-by and sort spill above half

@@ -6,8 +6,8 @@ rollups current. This module only serves them.
 
 No client can starve another:
 - streams are coroutines, not threads: thousands of idle agents cost memory, not workers;
-- each credential (without tokens: each peer address) holds at most `max_streams_per_agent`
-  streams, everyone together `max_streams`; past either the stream is refused at once with
+- each credential (without tokens: each host id, from the stream's first batch) holds at most
+  `max_streams_per_agent` streams, everyone together `max_streams`; past either the stream is refused at once with
   RESOURCE_EXHAUSTED naming the limit;
 - a stream that carries no batch for `stream_idle_timeout_s` is closed;
 - reports run on their own worker threads and store connections (`report_workers`), health on the
@@ -196,6 +196,13 @@ class Collector:
         # ipv4:127.0.0.1:5555 / ipv6:[::1]:5555: the address without the port
         return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
+    def _cap_refusal(self, key: str, by: str) -> str | None:
+        if self._per_agent.get(key, 0) >= self.max_streams_per_agent:
+            self.streams_refused += 1
+            return (f"stream limit per agent reached: {self.max_streams_per_agent} streams already open for this {by} "
+                    "(collector.max_streams_per_agent)")
+        return None
+
     async def _stream(self, request_iterator, context):
         from gpuledger.security import AuthDenied
 
@@ -205,43 +212,55 @@ class Collector:
                 principal = self.auth.authenticate_agent(context)
             except AuthDenied as e:
                 await self._deny(context, e)
-        key = principal or self._peer_key(context)
         if self.active_streams >= self.max_streams:
             self.streams_refused += 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"collector stream limit reached (collector.max_streams = {self.max_streams}): "
                                 "retry later")
-        if self._per_agent.get(key, 0) >= self.max_streams_per_agent:
-            self.streams_refused += 1
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"stream limit per agent reached: {self.max_streams_per_agent} streams already open "
-                                f"for this {'credential' if principal else 'address'} "
-                                "(collector.max_streams_per_agent)")
+        if principal is not None and (why := self._cap_refusal(principal, "credential")):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         self.active_streams += 1
-        self._per_agent[key] = self._per_agent.get(key, 0) + 1
+        key = principal  # with tokens the credential is known now; without, from the first batch
+        if key is not None:
+            self._per_agent[key] = self._per_agent.get(key, 0) + 1
         loop = asyncio.get_running_loop()
         pending: asyncio.Queue = asyncio.Queue(maxsize=64)
         idle = False
+        it = request_iterator.__aiter__()
+
+        async def next_raw():
+            nonlocal idle
+            try:
+                return await asyncio.wait_for(it.__anext__(), self.stream_idle_timeout_s)
+            except StopAsyncIteration:
+                return None
+            except TimeoutError:
+                idle = True
+                return None
+
         try:
             await context.send_initial_metadata(((LIMIT_HEADER, str(self.max_batch_bytes)),))
+            first = await next_raw()
+            if principal is None and first is not None:  # without tokens, an agent is its first batch's host
+                try:
+                    key = "host:" + pb.WindowBatch.FromString(first).host.host_id[:128]
+                except Exception:  # not a batch: the ingest answers it; count it against its address
+                    key = "peer:" + self._peer_key(context)
+                if why := self._cap_refusal(key, "host"):
+                    key = None
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+                self._per_agent[key] = self._per_agent.get(key, 0) + 1
 
             async def reader():
-                nonlocal idle
-                it = request_iterator.__aiter__()
+                raw = first
                 try:
-                    while True:
-                        try:
-                            raw = await asyncio.wait_for(it.__anext__(), self.stream_idle_timeout_s)
-                        except StopAsyncIteration:
-                            return
-                        except TimeoutError:
-                            idle = True
-                            return
+                    while raw is not None:
                         # one batch of a stream at a time is validated (in order: a batch is checked against
-                        # the ones before it); its commit is awaited by the writer loop below, so validating the
-                        # next batch overlaps storing this one
+                        # the ones before it); its commit is awaited by the loop below, so validating the next
+                        # batch overlaps storing this one
                         await pending.put(await loop.run_in_executor(self._validate_pool, self.ingest.handle, raw,
                                                                      principal))
+                        raw = await next_raw()
                 except (grpc.RpcError, asyncio.CancelledError):
                     pass  # the agent went away; its unacknowledged batches stay in its spool
                 except Exception:
@@ -265,11 +284,12 @@ class Collector:
                                     "there is data)")
         finally:
             self.active_streams -= 1
-            n = self._per_agent.get(key, 1) - 1
-            if n:
-                self._per_agent[key] = n
-            else:
-                self._per_agent.pop(key, None)
+            if key is not None:
+                n = self._per_agent.get(key, 1) - 1
+                if n:
+                    self._per_agent[key] = n
+                else:
+                    self._per_agent.pop(key, None)
 
     async def _report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
         from gpuledger.security import AuthDenied
