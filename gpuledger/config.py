@@ -64,6 +64,15 @@ class AgentConfig:
     kernels: str = "numpy"
     proc_root: str = "/proc"  # the host's /proc (e.g. /host/proc when the agent runs in a container)
     metrics_listen: str = ""
+    # Kubernetes (agent/podresources.py): the kubelet's PodResources socket; empty: no pod attribution.
+    # A GPU allocated to a pod that runs no process is then idle-held by that pod.
+    pod_resources_socket: str = ""  # /var/lib/kubelet/pod-resources/kubelet.sock
+    pod_resources_interval_s: float = 5.0  # how often the allocation is read
+    pod_label_allowlist: tuple = ()  # pod labels read as tags: "LABEL" or "LABEL=TAG"; needs the Kubernetes API
+    kube_api_url: str = ""  # empty: the in-cluster API server (KUBERNETES_SERVICE_HOST)
+    kube_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    kube_ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    node_name: str = ""  # the node whose pods to list; empty: host_id
 
     def validate(self) -> AgentConfig:
         _require(bool(self.host_id) and len(self.host_id) <= 128, "agent.host_id", "must be 1..128 characters")
@@ -79,6 +88,18 @@ class AgentConfig:
         _require(self.kernels in ("numba", "numpy"), "agent.kernels", f"must be numba or numpy, got {self.kernels!r}")
         _require(all(isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()), "agent.tags",
                  "keys and values must be strings")
+        _require(self.pod_resources_interval_s > 0, "agent.pod_resources_interval_s", "must be > 0")
+        _require(not self.pod_label_allowlist or bool(self.pod_resources_socket), "agent.pod_label_allowlist",
+                 "needs agent.pod_resources_socket (labels are read for the pods that hold GPUs)")
+        _require(not self.kube_api_url or self.kube_api_url.startswith(("https://", "http://")),
+                 "agent.kube_api_url", f"must start with https:// or http://, got {self.kube_api_url!r}")
+        if self.pod_label_allowlist:
+            from gpuledger.agent.podresources import parse_label_allowlist
+
+            try:
+                parse_label_allowlist(self.pod_label_allowlist)
+            except ValueError as e:
+                raise ConfigError(f"agent.pod_label_allowlist: {e}") from e
         return self
 
 

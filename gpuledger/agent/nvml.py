@@ -129,7 +129,8 @@ class _Dev:
     diffs: deque = field(default_factory=lambda: deque(maxlen=64))
     frontier_us: int | None = None  # util readings cover up to here (agent clock)
     last_poll_us: int | None = None  # last clean poll
-    present: bool = False  # a compute process at the last clean poll
+    present: bool = False  # a compute process (or, on Kubernetes, a pod) held it at the last clean poll
+    proc_present: bool = False  # a compute process held it at the last clean poll
     # GPM
     gpm: bool = False
     gpm_bufs: list = field(default_factory=list)
@@ -171,7 +172,7 @@ class NvmlSource:
     def __init__(self, nvml=None, *, attribution: ProcAttributor | None = None, proc_root: str = "/proc",
                  env_allowlist: tuple = (), holdback_s: float = 1.0, max_poll_gap_s: float = 5.0,
                  retry_s: float = 10.0, resync_s: float = 5.0, idle_mem_threshold_mib: int = 1024,
-                 slow_every: int = 10, measure_calls: bool = False) -> None:
+                 slow_every: int = 10, measure_calls: bool = False, pods=None) -> None:
         if nvml is None:
             try:
                 import pynvml as nvml
@@ -180,6 +181,7 @@ class NvmlSource:
                     from e
         self.nv = nvml
         self.attribution = attribution or ProcAttributor(proc_root, env_allowlist)
+        self.pods = pods  # PodAttribution (Kubernetes): which pods hold which GPUs; None off Kubernetes
         self.max_holdback_us = int(holdback_s * 1e6)
         self.max_poll_gap_us = int(max_poll_gap_s * 1e6)
         self.retry_us = int(retry_s * 1e6)
@@ -456,6 +458,8 @@ class NvmlSource:
         util, gpm, gauge, procs = [], [], [], []
         processes: list[ProcessIdentity] = []
         proc_ref: dict[tuple[int, int], int] = {}
+        if self.pods is not None:
+            self.pods.refresh(now_us)
         for dev in self._devs:
             if dev.down:
                 if now_us < dev.next_retry_us or not self._recover(dev):
@@ -489,6 +493,8 @@ class NvmlSource:
         if self._closed:
             return
         self._closed = True
+        if self.pods is not None:
+            self.pods.close()
         for dev in getattr(self, "_devs", []):
             if dev.gpm_bufs:
                 self._free_gpm(dev)
@@ -546,8 +552,15 @@ class NvmlSource:
         gauge = self._gauges(dev, now_us)
         rows.gauge = gauge
         current, listed = self._processes(dev)
-        if listed:
-            present_now = bool(current)
+        procs_now = bool(current)
+        if self.pods is not None and not current:
+            # allocated to pods but running no process: held by those pods (time-sliced: shared)
+            for ident in self.pods.holders(dev.uuid, dev.index if dev.kind == "gpu" else None):
+                current[(ident.pid, ident.start_ms)] = _Proc(ident, NAN)
+        if current:
+            present_now = True
+        elif listed:
+            present_now = False
         else:  # no process list: a GPU with memory in use counts as held (as in replay)
             mem = gauge[4]
             present_now = bool(mem == mem and mem >= self.idle_mem_threshold)
@@ -561,8 +574,10 @@ class NvmlSource:
             elif dev.util_method == "rates":
                 self._util_rates(dev, now_us, held, rows.util, priming)
             elif dev.util_method == "none" and not priming:
-                # only certain for MIG: no process on the instance -> nothing can run: idle-free
-                self._emit_unheld(dev, dev.frontier_us, now_us, held, rows.util)
+                # only certain for MIG: no process on the instance -> nothing can run: idle (free, or
+                # held by the pods it is allocated to)
+                procs = _Held(dev.proc_present if prev_poll is not None else procs_now, procs_now, mid)
+                self._emit_unheld(dev, dev.frontier_us, now_us, procs, rows.util, pod_held=present_now and not procs_now)
         except _Absent:
             # the utilization call stopped answering for this device: this poll stays unmonitored
             rows.util.clear()
@@ -576,6 +591,7 @@ class NvmlSource:
         if dev.polls % self.slow_every == 0 and dev.kind == "gpu":
             self._slow(dev)
         dev.present = present_now
+        dev.proc_present = procs_now
         dev.last_poll_us = now_us
 
     # --- utilization
@@ -651,13 +667,14 @@ class NvmlSource:
             held.emit(out, dev.pos, t0, now_us, float(u.gpu))
         dev.frontier_us = now_us
 
-    def _emit_unheld(self, dev: _Dev, t0: int, t1: int, held: _Held, out: list) -> None:
-        """Idle-free readings for the parts of [t0, t1) with no process; the rest stays unmonitored."""
+    def _emit_unheld(self, dev: _Dev, t0: int, t1: int, held: _Held, out: list, pod_held: bool = False) -> None:
+        """Idle readings for the parts of [t0, t1) with no process (idle-held when pods hold the
+        device, else idle-free); the rest stays unmonitored."""
         if t1 - t0 > self.max_poll_gap_us:
             t0 = t1 - self.max_poll_gap_us
         for a, b, h in held.parts(t0, t1):
             if not h:
-                out.append((dev.pos, a, b, 0.0, 0))
+                out.append((dev.pos, a, b, 0.0, 1 if pod_held else 0))
         dev.frontier_us = t1
 
     # --- GPM
@@ -779,6 +796,8 @@ class NvmlSource:
                                 "or its /proc mounted as proc_root); recorded without attribution", pid, dev.uuid,
                                 self.attribution.root)
                 ident = ProcessIdentity(pid=pid, start_ms=0)
+            elif self.pods is not None:
+                ident = self.pods.enrich(ident)
             mem = getattr(p, "usedGpuMemory", None)
             current[(ident.pid, ident.start_ms)] = _Proc(ident, float(mem) if mem is not None else NAN)
         return current, True
@@ -921,12 +940,17 @@ def _share(d: _Dev) -> float:
 
 def open_nvml_source(cfg, nvml=None, proc_root: str | None = None) -> NvmlSource:
     """NvmlSource for an AgentConfig; a fatal NVML problem becomes a message and a non-zero exit."""
+    from gpuledger.agent.podresources import open_pod_attribution
+
     root = proc_root or getattr(cfg, "proc_root", "/proc")
+    pods = open_pod_attribution(cfg) if getattr(cfg, "pod_resources_socket", "") else None
     try:
         return NvmlSource(nvml, proc_root=root, env_allowlist=tuple(cfg.env_allowlist),
                           idle_mem_threshold_mib=int(getattr(cfg, "idle_mem_threshold_mib", 1024)),
-                          holdback_s=min(1.0, max(0.2, float(getattr(cfg, "lateness_s", 2.0)) / 2)))
+                          holdback_s=min(1.0, max(0.2, float(getattr(cfg, "lateness_s", 2.0)) / 2)), pods=pods)
     except NvmlUnavailable as e:
+        if pods is not None:
+            pods.close()
         raise SystemExit(f"gpuledger agent: {e}") from e
 
 
