@@ -1,7 +1,9 @@
 """Credentials: per-agent tokens, the read-only query token, TLS and mutual TLS.
 
 - Agent tokens are stored hashed by the collector (`tokens_file`: lines `HOST_ID sha256:HEX`);
-  a token authenticates one host id and can write windows for that host only.
+  a token authenticates one host id and can write windows for that host only. A fleet token
+  (host id `*`, `add-agent '*'`) writes for any host id: for agents that share one secret, as a
+  Kubernetes DaemonSet does; it trades the per-host limit for one secret per cluster.
 - The query token (`query_token_file`: lines `sha256:HEX`) is read-only: it can ask for
   reports and cannot write; an agent token cannot read reports.
 - Tokens are read from files or the environment, never from command-line arguments, and
@@ -29,6 +31,7 @@ from gpuledger.config import CollectorConfig, ConfigError
 log = logging.getLogger(__name__)
 
 BEARER = "bearer "
+FLEET = "*"  # the host id of a fleet token: it may write windows for any host
 
 
 def hash_token(token: str) -> str:
@@ -135,7 +138,7 @@ class Auth:
         return host
 
     def check_batch(self, principal: str | None, batch) -> None:
-        if principal is None:
+        if principal is None or principal == FLEET:
             return
         if batch.host.host_id != principal:
             raise PermissionError(f"host.host_id: the token of host {principal!r} cannot write windows for "
