@@ -58,7 +58,11 @@ def run(
     else:
         from gpuledger.agent.nvml import open_nvml_source
 
-        source = open_nvml_source(cfg)
+        try:
+            source = open_nvml_source(cfg)  # NVML unusable: SystemExit with what to fix (exit 1)
+        except ConfigError as e:
+            typer.echo(f"gpuledger agent: {e}", err=True)
+            raise typer.Exit(2) from e
     try:
         spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes)
     except OSError as e:

@@ -186,3 +186,17 @@ def test_tokens_are_written_mode_600(tmp_path):
     assert q.read_text() == hash_token(qout.read_text().strip()) + "\n"
     res = runner.invoke(app, ["collector", "add-agent", "gpu-node-01", "--tokens-file", str(tokens)])
     assert res.exit_code == 2 and "already has a token" in res.output
+
+
+def test_agent_run_config_errors_exit_2(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    f = tmp_path / "agent.toml"
+    # pod labels need the Kubernetes API, and this is no pod: a config error, named
+    f.write_text('[agent]\npod_resources_socket = "kubelet.sock"\npod_label_allowlist = ["team"]\n'
+                 f'spool_dir = "{tmp_path / "spool"}"\n')
+    res = runner.invoke(app, ["agent", "run", "--config", str(f)])
+    assert res.exit_code == 2, res.output
+    assert "agent.kube_api_url" in res.output
+    f.write_text('[agent]\npod_label_allowlist = ["team"]\n')
+    res = runner.invoke(app, ["agent", "run", "--config", str(f)])
+    assert res.exit_code == 2 and "agent.pod_label_allowlist: needs agent.pod_resources_socket" in res.output
