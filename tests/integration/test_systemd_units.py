@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,13 +125,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _as_user() -> tuple[int, int, str]:
-    """(uid, gid, note): nobody when we are root and nobody can run this Python, else ourselves."""
+def _as_user(readable: Path) -> tuple[int, int, str]:
+    """(uid, gid, note): nobody when we are root and nobody can run this Python, import gpuledger and
+    read `readable`; else ourselves."""
     if os.geteuid() == 0:
         try:
-            probe = subprocess.run([sys.executable, "-c", "import gpuledger.cli"], cwd=ROOT, capture_output=True,
-                                   user=NOBODY, group=NOBODY, extra_groups=[], env={"PYTHONPATH": str(ROOT)},
-                                   timeout=60)
+            probe = subprocess.run([sys.executable, "-c", f"import gpuledger.cli; open({str(readable)!r}).read()"],
+                                   cwd=ROOT, capture_output=True, user=NOBODY, group=NOBODY, extra_groups=[],
+                                   env={"PYTHONPATH": str(ROOT)}, timeout=60)
             if probe.returncode == 0:
                 return NOBODY, NOBODY, "nobody"
         except OSError:  # this Python lives where nobody may not go (a pyenv under /root)
@@ -194,14 +196,26 @@ def _wait_for(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
     raise AssertionError(f"{needle!r} not seen (exit {proc.poll()}):\n{''.join(seen)}")
 
 
-def test_exec_start_lines_start_as_the_unit_user_with_their_credentials(tmp_path):
+@pytest.fixture
+def host_tree():
+    """A directory every user may traverse (pytest's own temporary directories are private to us)."""
+    d = Path(tempfile.mkdtemp(prefix="gpuledger-units-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_exec_start_lines_start_as_the_unit_user_with_their_credentials(tmp_path, host_tree):
     """The README's install steps, on one machine: credentials made by the CLI as root (mode 0600),
     handed over as credentials; the collector starts on the shipped config (non-loopback: TLS and
     tokens required), the agent on the shipped agent.toml, and its windows are acknowledged."""
-    uid, gid, who = _as_user()
-    tree = tmp_path / "host"
+    tree = host_tree / "host"
     etc = tree / "etc"
     (etc / "tls").mkdir(parents=True)
+    tree.chmod(0o755)
+    etc.chmod(0o755)
+    (etc / "probe").write_text("")
+    uid, gid, who = _as_user(etc / "probe")
     pki = make_pki(tmp_path)
     shutil.copy(pki["server"], etc / "tls/collector.pem")
     shutil.copy(pki["server_key"], etc / "tls/collector-key.pem")
