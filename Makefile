@@ -23,13 +23,14 @@ bench: $(STAMP)
 
 # Regenerate the committed stubs from proto/ with the pinned grpcio-tools; stale stubs go first.
 proto: $(STAMP)
-	rm -f gpuledger/v1/*_pb2*.py gpuledger/v1/*_pb2*.pyi
+	rm -f gpuledger/v1/*_pb2*.py gpuledger/v1/*_pb2*.pyi gpuledger/kubelet/podresources/v1/*_pb2*.py gpuledger/kubelet/podresources/v1/*_pb2*.pyi
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/gpuledger/v1/*.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/gpuledger/kubelet/podresources/v1/api.proto
 
 # CI: fail when the committed stubs differ from what `make proto` produces.
 proto-check: proto
-	git diff --exit-code -- gpuledger/v1 || (echo "generated stubs are stale: run make proto and commit" && exit 1)
-	test -z "$$(git status --porcelain -- gpuledger/v1)" || (git status --porcelain -- gpuledger/v1; echo "untracked generated stubs" && exit 1)
+	git diff --exit-code -- gpuledger/v1 gpuledger/kubelet || (echo "generated stubs are stale: run make proto and commit" && exit 1)
+	test -z "$$(git status --porcelain -- gpuledger/v1 gpuledger/kubelet)" || (git status --porcelain -- gpuledger/v1 gpuledger/kubelet; echo "untracked generated stubs" && exit 1)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gpuledger tests benchmarks

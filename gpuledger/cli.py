@@ -1,8 +1,14 @@
-"""`gpuledger`: the thin typer root. Sub-apps come from agent/ and collector/."""
+"""`gpuledger`: the thin typer root. Sub-apps come from agent/ and collector/.
+
+Exit codes, for every command: 0 success; 1 a runtime failure (collector unreachable or refusing
+the request, store failure, replay not fully acknowledged, NVML unusable); 2 bad input (a bad flag
+value, time, range, `--by` key, log level, config key or file).
+"""
 
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,36 +17,69 @@ import typer
 from gpuledger import __version__
 from gpuledger.agent.cli import app as agent_app
 from gpuledger.collector import cli as collector_cli
+from gpuledger.helptext import command
 
 app = typer.Typer(help="gpuledger: what your GPUs cost, and how much of that is idle.", no_args_is_help=True,
-                  add_completion=False)
+                  rich_markup_mode=None)
 app.add_typer(agent_app, name="agent")
 app.add_typer(collector_cli.app, name="collector")
-app.command()(collector_cli.idle)
-app.command()(collector_cli.cost)
-app.command()(collector_cli.pricing)
-export_app = typer.Typer(help="Export cost and usage for other tools.", no_args_is_help=True)
-export_app.command("focus")(collector_cli.export_focus)
+command(app, collector_cli.idle)
+command(app, collector_cli.cost)
+command(app, collector_cli.pricing)
+export_app = typer.Typer(help="Export cost and usage for other tools.", no_args_is_help=True, rich_markup_mode=None)
+command(export_app, collector_cli.export_focus, "focus")
 app.add_typer(export_app, name="export")
 
+DEMO_MARKER = ".gpuledger-demo"  # written into a demo's data directory: only such a directory is emptied
 
-@app.callback()
-def _root(
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if version:
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _print_version(value: bool) -> None:
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
 
 
-@app.command()
+@app.callback()
+def _root(
+    log_level: Annotated[LogLevel, typer.Option(help="debug, info, warning or error.", case_sensitive=False)] =
+        LogLevel.warning,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version,
+                                          is_eager=True)] = False,
+) -> None:
+    logging.basicConfig(level=getattr(logging, log_level.value.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _demo_dir(path: Path) -> Path:
+    """The demo's data directory, emptied only if a previous demo made it (its marker file is there)."""
+    from gpuledger.demo import fresh_dir
+
+    if path.exists():
+        if not path.is_dir():
+            typer.echo(f"gpuledger demo: --data-dir {path} is a file, not a directory", err=True)
+            raise typer.Exit(2)
+        if any(path.iterdir()) and not (path / DEMO_MARKER).is_file():
+            typer.echo(f"gpuledger demo: --data-dir {path} is not empty and was not made by gpuledger demo (no "
+                       f"{DEMO_MARKER} file in it): refusing to delete it. Name a new or empty directory, or "
+                       f"remove this one yourself.", err=True)
+            raise typer.Exit(2)
+    root = fresh_dir(path)
+    (root / DEMO_MARKER).write_text("made by gpuledger demo: the next demo run may delete this directory\n")
+    return root
+
+
 def demo(
     hosts: Annotated[int, typer.Option(help="Simulated hosts (at least 8 for the full mix).")] = 8,
     hours: Annotated[float, typer.Option(help="Simulated hours, ending now.")] = 24.0,
-    data_dir: Annotated[str, typer.Option(help="Where the demo's store and spools go (emptied first).")] =
+    data_dir: Annotated[str, typer.Option(help="Where the demo's store and spools go; emptied first if a "
+                                               "previous demo made it, refused if it holds anything else.")] =
         "gpuledger-data/demo",
     seed: Annotated[int, typer.Option(help="Fleet seed.")] = 7,
 ) -> None:
@@ -52,17 +91,17 @@ def demo(
 
     Examples:
       gpuledger demo
-      gpuledger demo --hosts 16 --hours 48 --data-dir /tmp/gl-demo
+      gpuledger demo --hosts 16 --hours 48 --data-dir gl-demo
     """
     import time
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from gpuledger.client import fetch_report
-    from gpuledger.demo import fresh_dir, run_fleet, start_embedded_collector
+    from gpuledger.demo import run_fleet, start_embedded_collector
     from gpuledger.format import render
 
-    root = fresh_dir(Path(data_dir))
+    root = _demo_dir(Path(data_dir))
     collector = start_embedded_collector(root)
     typer.echo(f"collector on {collector.address}, embedded ClickHouse (chDB) in {root / 'chdb'}")
     t0 = time.perf_counter()
@@ -91,6 +130,9 @@ def demo(
         collector.store.close()
     typer.echo(f"\ndata lives in {root.resolve()} (store: {root / 'chdb'}, agent spools: {root / 'spool'}).")
     typer.echo(f"explore it: gpuledger collector serve --data-dir {root} & gpuledger idle --since {int(hours) + 1}h")
+
+
+command(app, demo)
 
 
 def main() -> None:

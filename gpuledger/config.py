@@ -70,6 +70,15 @@ class AgentConfig:
     metrics_listen: str = ""
     # Inference servers on this host whose own Prometheus counters are scraped ([[agent.endpoints]]).
     endpoints: tuple = ()
+    # Kubernetes (agent/podresources.py): the kubelet's PodResources socket; empty: no pod attribution.
+    # A GPU allocated to a pod that runs no process is then idle-held by that pod.
+    pod_resources_socket: str = ""  # /var/lib/kubelet/pod-resources/kubelet.sock
+    pod_resources_interval_s: float = 5.0  # how often the allocation is read
+    pod_label_allowlist: tuple = ()  # pod labels read as tags: "LABEL" or "LABEL=TAG"; needs the Kubernetes API
+    kube_api_url: str = ""  # empty: the in-cluster API server (KUBERNETES_SERVICE_HOST)
+    kube_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    kube_ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    node_name: str = ""  # the node whose pods to list; empty: host_id
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", parse_endpoints(self.endpoints))
@@ -90,6 +99,18 @@ class AgentConfig:
         _require(all(isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()), "agent.tags",
                  "keys and values must be strings")
         _require_unique([e.name for e in self.endpoints], "agent.endpoints", "names must be unique")
+        _require(self.pod_resources_interval_s > 0, "agent.pod_resources_interval_s", "must be > 0")
+        _require(not self.pod_label_allowlist or bool(self.pod_resources_socket), "agent.pod_label_allowlist",
+                 "needs agent.pod_resources_socket (labels are read for the pods that hold GPUs)")
+        _require(not self.kube_api_url or self.kube_api_url.startswith(("https://", "http://")),
+                 "agent.kube_api_url", f"must start with https:// or http://, got {self.kube_api_url!r}")
+        if self.pod_label_allowlist:
+            from gpuledger.agent.podresources import parse_label_allowlist
+
+            try:
+                parse_label_allowlist(self.pod_label_allowlist)
+            except ValueError as e:
+                raise ConfigError(f"agent.pod_label_allowlist: {e}") from e
         return self
 
 

@@ -1,7 +1,9 @@
 """Credentials: per-agent tokens, the read-only query token, TLS and mutual TLS.
 
 - Agent tokens are stored hashed by the collector (`tokens_file`: lines `HOST_ID sha256:HEX`);
-  a token authenticates one host id and can write windows for that host only.
+  a token authenticates one host id and can write windows for that host only. A fleet token
+  (host id `*`, `add-agent '*'`) writes for any host id: for agents that share one secret, as a
+  Kubernetes DaemonSet does; it trades the per-host limit for one secret per cluster.
 - The query token (`query_token_file`: lines `sha256:HEX`) is read-only: it can ask for
   reports and cannot write; an agent token cannot read reports.
 - The admin token (`admin_token_file`, same format) may act on the collector's records (retire a
@@ -31,6 +33,7 @@ from gpuledger.config import CollectorConfig, ConfigError
 log = logging.getLogger(__name__)
 
 BEARER = "bearer "
+FLEET = "*"  # the host id of a fleet token: it may write windows for any host
 
 
 def hash_token(token: str) -> str:
@@ -149,7 +152,7 @@ class Auth:
         return host
 
     def check_batch(self, principal: str | None, batch) -> None:
-        if principal is None:
+        if principal is None or principal == FLEET:
             return
         if batch.host.host_id != principal:
             shown = batch.host.host_id if len(batch.host.host_id) <= 80 else batch.host.host_id[:80] + "..."
@@ -235,14 +238,43 @@ def agent_channel(cfg):
     return token, creds
 
 
+def write_private(path: str | os.PathLike, text: str, *, append: bool = False) -> None:
+    """Write (or append) text to a file that only its owner can read: created 0600, and an existing
+    file with a wider mode is narrowed to 0600 first (token files, token hashes, printed tokens)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "a" if append else "w") as fh:
+        fh.write(text)
+
+
 def add_agent_token(tokens_file: str, host_id: str) -> str:
     """Create a token for a host, append its hash to the tokens file (mode 600); returns the token."""
     token = new_token()
     p = Path(tokens_file)
-    existing = p.read_text() if p.exists() else ""
+    try:
+        existing = p.read_text() if p.exists() else ""
+    except OSError as e:
+        raise ConfigError(f"tokens file {tokens_file}: {e.strerror}") from e
     if any(line.split()[:1] == [host_id] for line in existing.splitlines()):
         raise ConfigError(f"tokens file {tokens_file}: host {host_id!r} already has a token; remove its line first")
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(f"{host_id} {hash_token(token)}\n")
+    try:
+        write_private(p, f"{host_id} {hash_token(token)}\n", append=True)
+    except OSError as e:
+        raise ConfigError(f"tokens file {tokens_file}: {e.strerror}") from e
+    return token
+
+
+def add_query_token(query_token_file: str) -> str:
+    """Create a read-only query token, append its hash to the query token file (mode 600); returns it."""
+    token = new_token()
+    try:
+        write_private(query_token_file, hash_token(token) + "\n", append=True)
+    except OSError as e:
+        raise ConfigError(f"query token file {query_token_file}: {e.strerror}") from e
     return token

@@ -11,12 +11,13 @@ import typer
 
 from gpuledger.agent.cli_nvml import probe, replay
 from gpuledger.config import ConfigError, load_agent
+from gpuledger.helptext import command
 
 log = logging.getLogger("gpuledger.agent")
-app = typer.Typer(help="The per-host agent: NVML -> windows -> spool -> gRPC.", no_args_is_help=True)
+app = typer.Typer(help="The per-host agent: NVML -> windows -> spool -> gRPC.", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
-@app.command()
 def run(
     config: Annotated[str | None, typer.Option(help="TOML config file ([agent] section).")] = None,
     collector: Annotated[str | None, typer.Option(help="Collector HOST:PORT.")] = None,
@@ -31,7 +32,7 @@ def run(
 
     Examples:
       gpuledger agent run --config /etc/gpuledger/agent.toml
-      gpuledger agent run --simulate --collector 127.0.0.1:4700 --spool-dir /tmp/spool
+      gpuledger agent run --simulate --collector 127.0.0.1:4700 --spool-dir gl-spool
     """
     from gpuledger.agent.runtime import Agent
     from gpuledger.agent.shipper import Shipper
@@ -57,8 +58,17 @@ def run(
     else:
         from gpuledger.agent.nvml import open_nvml_source
 
-        source = open_nvml_source(cfg)
-    spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes)
+        try:
+            source = open_nvml_source(cfg)  # NVML unusable: SystemExit with what to fix (exit 1)
+        except ConfigError as e:
+            typer.echo(f"gpuledger agent: {e}", err=True)
+            raise typer.Exit(2) from e
+    try:
+        spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes)
+    except OSError as e:
+        source.close()
+        typer.echo(f"gpuledger agent: spool {cfg.spool_dir}: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from e
     agent = Agent(cfg, source, clock, spool)
     shipper = Shipper(cfg.collector, spool, token=token, channel_credentials=creds, max_inflight=cfg.max_inflight,
                       ack_timeout_s=cfg.send_timeout_s, backoff_initial_s=cfg.backoff_initial_s,
@@ -79,5 +89,6 @@ def run(
     spool.close()
 
 
-app.command()(replay)
-app.command()(probe)
+command(app, run)
+command(app, replay)
+command(app, probe)

@@ -38,6 +38,11 @@ class Record:
     length: int
 
 
+def _private(path, flags: int) -> int:
+    """Opener for every spool file: readable and writable by the agent's user only (0600)."""
+    return os.open(path, flags, 0o600)
+
+
 class SpoolFull(OSError):
     pass
 
@@ -46,7 +51,7 @@ class Spool:
     def __init__(self, directory: str | os.PathLike, max_bytes: int = 1 << 30, segment_bytes: int = 8 << 20,
                  fsync: bool = True) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # windows name hosts, processes and tags
         self.max_bytes = int(max_bytes)
         self.segment_bytes = int(min(segment_bytes, max(self.max_bytes // 4, 4096)))
         self.fsync = fsync
@@ -154,7 +159,7 @@ class Spool:
             return new
 
     def _log_dead(self, seq: int, windows: int, reason: str, payload: bytes) -> None:
-        with open(self.dir / "deadletter.log", "ab") as fh:
+        with open(self.dir / "deadletter.log", "ab", opener=_private) as fh:
             meta = json.dumps({"seq": seq, "windows": windows, "reason": reason}).encode()
             fh.write(struct.pack("<II", len(meta), len(payload)) + meta + payload)
             fh.flush()
@@ -210,7 +215,7 @@ class Spool:
         if self._active_fh is not None:
             self._active_fh.close()
         self._active = self.dir / f"{self.next_seq:020d}.seg"
-        self._active_fh = open(self._active, "ab")
+        self._active_fh = open(self._active, "ab", opener=_private)
         self._active_fh.seek(0, os.SEEK_END)
 
     def _drop_oldest(self, write_state: bool = True) -> bool:
@@ -302,11 +307,12 @@ class Spool:
     def _write_state_once(self) -> None:
         self._state_dirty = False
         tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"acked_seq": self.acked_seq, "next_seq": self.next_seq,
-                                   "dropped_windows": self.dropped_windows, "dead_lettered": self.dead_lettered,
-                                   "epoch": self.epoch, "first_windows": self.first_windows,
-                                   "closed_until_ms": self.closed_until_ms,
-                                   "session_start_ms": self.session_start_ms, "stopped_ms": self.stopped_ms}))
+        with open(tmp, "w", opener=_private) as fh:
+            fh.write(json.dumps({"acked_seq": self.acked_seq, "next_seq": self.next_seq,
+                                 "dropped_windows": self.dropped_windows, "dead_lettered": self.dead_lettered,
+                                 "epoch": self.epoch, "first_windows": self.first_windows,
+                                 "closed_until_ms": self.closed_until_ms,
+                                 "session_start_ms": self.session_start_ms, "stopped_ms": self.stopped_ms}))
         os.replace(tmp, self._state_path)
 
     # ------------------------------------------------------------------ stats

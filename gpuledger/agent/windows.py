@@ -10,6 +10,7 @@ A window without readings is emitted too, as unmonitored, never as idle.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -35,26 +36,77 @@ class Closed:
         return self.gpu.num_rows
 
 
+class UtilCols(NamedTuple):
+    """Utilization readings kept for open windows: each covers [t0_us, t1_us) of one GPU."""
+
+    gpu: np.ndarray
+    t0_us: np.ndarray
+    t1_us: np.ndarray
+    pct: np.ndarray
+    held: np.ndarray
+
+
+class GaugeCols(NamedTuple):
+    """Gauge readings, each covering the time since the previous reading of its GPU; energy_mj is the
+    counter's difference over that interval (NaN across a reset)."""
+
+    gpu: np.ndarray
+    t0_us: np.ndarray
+    t1_us: np.ndarray
+    energy_mj: np.ndarray
+    power_mw: np.ndarray
+    mem_used_bytes: np.ndarray
+    temp_c: np.ndarray
+
+
+class GpmCols(NamedTuple):
+    gpu: np.ndarray
+    t0_us: np.ndarray
+    t1_us: np.ndarray
+    sm_active_pct: np.ndarray
+    sm_occupancy_pct: np.ndarray
+    tensor_active_pct: np.ndarray
+    dram_active_pct: np.ndarray
+
+
+class ProcCols(NamedTuple):
+    """Process readings; `key` indexes the windower's (GPU, pid, start) keys."""
+
+    key: np.ndarray
+    t0_us: np.ndarray
+    t1_us: np.ndarray
+    pct: np.ndarray
+    mem_bytes: np.ndarray
+
+
+class ProcKey(NamedTuple):
+    """A process on one GPU: position in gpus(), and the process identity (pid, start time)."""
+
+    gpu: int
+    pid: int
+    start_ms: int
+
+
 class _Buf:
-    """Append-only list of column chunks; compacted on demand."""
+    """Append-only list of column chunks of one kind (a NamedTuple of arrays); compacted on demand."""
 
-    def __init__(self, n_cols: int) -> None:
-        self.parts: list[tuple[np.ndarray, ...]] = []
-        self.n_cols = n_cols
+    def __init__(self, cols: type) -> None:
+        self.parts: list = []
+        self.cols = cols
 
-    def add(self, cols: tuple[np.ndarray, ...]) -> None:
+    def add(self, cols) -> None:
         if cols[0].size:
             self.parts.append(cols)
 
-    def take(self) -> tuple[np.ndarray, ...] | None:
+    def take(self):
         if not self.parts:
             return None
         if len(self.parts) == 1:
             return self.parts[0]
-        return tuple(np.concatenate([p[i] for p in self.parts]) for i in range(self.n_cols))
+        return self.cols(*(np.concatenate([p[i] for p in self.parts]) for i in range(len(self.cols._fields))))
 
-    def keep(self, cols: tuple[np.ndarray, ...] | None, mask: np.ndarray) -> None:
-        self.parts = [] if cols is None or not mask.any() else [tuple(c[mask] for c in cols)]
+    def keep(self, cols, mask: np.ndarray) -> None:
+        self.parts = [] if cols is None or not mask.any() else [self.cols(*(c[mask] for c in cols))]
 
 
 def _round_u32(x: np.ndarray) -> np.ndarray:
@@ -75,20 +127,20 @@ class Windower:
         self.closed_until_us: int | None = None
         if start_us is not None:
             self.closed_until_us = (int(start_us) // self.window_us) * self.window_us
-        self._util = _Buf(5)
-        self._gauge = _Buf(7)
-        self._gpm = _Buf(7)
-        self._proc = _Buf(5)  # key, t0, t1, pct, mem
+        self._util = _Buf(UtilCols)
+        self._gauge = _Buf(GaugeCols)
+        self._gpm = _Buf(GpmCols)
+        self._proc = _Buf(ProcCols)
         self._last_gauge: dict[int, tuple[int, float]] = {}
-        self._proc_keys: dict[tuple[int, int, int], int] = {}
-        self._proc_key_list: list[tuple[int, int, int]] = []
+        self._proc_keys: dict[ProcKey, int] = {}
+        self._proc_key_list: list[ProcKey] = []
         self._identities: dict[tuple[int, int], ProcessIdentity] = {}
         self.late_readings = 0
 
     # ------------------------------------------------------------------ input
     def add(self, r: Readings) -> None:
         u = r.util
-        self._util.add((u.gpu, u.t0_us, u.t1_us, u.pct, u.held))
+        self._util.add(UtilCols(u.gpu, u.t0_us, u.t1_us, u.pct, u.held))
         g = r.gauges
         if g.gpu.size:
             # each reading covers the time since the previous reading of the same GPU; the energy
@@ -108,10 +160,10 @@ class Windower:
                     d = e - pe
                 de[idx] = np.where(ok_t & (d >= 0), d, np.nan)  # a counter reset gives no energy
                 self._last_gauge[k] = (int(t[-1]), float(e[-1]))
-            self._gauge.add((g.gpu, t0, g.t_us, de, g.power_mw, g.mem_used_bytes, g.temp_c))
+            self._gauge.add(GaugeCols(g.gpu, t0, g.t_us, de, g.power_mw, g.mem_used_bytes, g.temp_c))
         m = r.gpm
-        self._gpm.add((m.gpu, m.t0_us, m.t1_us, m.sm_active_pct, m.sm_occupancy_pct, m.tensor_active_pct,
-                       m.dram_active_pct))
+        self._gpm.add(GpmCols(m.gpu, m.t0_us, m.t1_us, m.sm_active_pct, m.sm_occupancy_pct, m.tensor_active_pct,
+                              m.dram_active_pct))
         p = r.procs
         if p.gpu.size:
             nref = max(len(r.processes), 1)
@@ -120,7 +172,7 @@ class Windower:
             for j, code in enumerate(pair.tolist()):
                 gi, ref = divmod(code, nref)
                 ident = r.processes[ref]
-                pk = (gi, ident.pid, ident.start_ms)
+                pk = ProcKey(gi, ident.pid, ident.start_ms)
                 k = self._proc_keys.get(pk)
                 if k is None:
                     k = len(self._proc_key_list)
@@ -129,7 +181,7 @@ class Windower:
                 self._identities[(ident.pid, ident.start_ms)] = ident
                 mapped[j] = k
             keys = mapped[inverse.reshape(-1)]
-            self._proc.add((keys, p.t0_us, p.t1_us, p.pct, p.mem_bytes))
+            self._proc.add(ProcCols(keys, p.t0_us, p.t1_us, p.pct, p.mem_bytes))
 
     # ------------------------------------------------------------------ output
     def close(self, now_us: int, final: bool = False) -> Closed | None:
@@ -154,8 +206,8 @@ class Windower:
         return closed
 
     def _earliest(self) -> int | None:
-        cands = [p[1].min() for buf in (self._util, self._gpm, self._proc) for p in buf.parts]
-        cands += [p[2].min() for p in self._gauge.parts]
+        cands = [p.t0_us.min() for buf in (self._util, self._gpm, self._proc) for p in buf.parts]
+        cands += [p.t1_us.min() for p in self._gauge.parts]
         return int(min(cands)) if cands else None
 
     def _fold(self, lo: int, n_win: int, n_gpu: int) -> Closed:
@@ -165,30 +217,32 @@ class Windower:
         util = self._util.take()
         if util is None:
             empty = np.zeros(0)
-            util = (empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.int64),
-                    empty.astype(np.float32), empty.astype(np.uint8))
-        self.late_readings += int((util[2] <= lo).sum())
-        uf = kernels.fold_util(*util, lo, W, n_gpu, n_win, reference=self.reference)
-        self._util.keep(util, util[2] > hi)
+            util = UtilCols(empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.int64),
+                            empty.astype(np.float32), empty.astype(np.uint8))
+        self.late_readings += int((util.t1_us <= lo).sum())
+        uf = kernels.fold_util(util.gpu, util.t0_us, util.t1_us, util.pct, util.held, lo, W, n_gpu, n_win,
+                               reference=self.reference)
+        self._util.keep(util, util.t1_us > hi)
 
         gauge = self._gauge.take()
         if gauge is not None:
-            gf = kernels.fold_gauge(gauge[0], gauge[1], gauge[2], gauge[3], gauge[4], gauge[5], gauge[6], lo, W,
-                                    n_gpu, n_win, reference=self.reference)
-            self._gauge.keep(gauge, gauge[2] > hi)
+            gf = kernels.fold_gauge(gauge.gpu, gauge.t0_us, gauge.t1_us, gauge.energy_mj, gauge.power_mw,
+                                    gauge.mem_used_bytes, gauge.temp_c, lo, W, n_gpu, n_win, reference=self.reference)
+            self._gauge.keep(gauge, gauge.t1_us > hi)
         else:
             gf = None
 
         gpm = self._gpm.take()
         gpm_cols = {}
         if gpm is not None:
-            ones = np.zeros(gpm[0].size, np.uint8)
-            for name, col in (("sm_active_ms", 3), ("sm_occupancy_ms", 4), ("tensor_active_ms", 5),
-                              ("dram_active_ms", 6)):
-                f = kernels.fold_util(gpm[0], gpm[1], gpm[2], gpm[col], ones, lo, W, n_gpu, n_win, reference=self.reference)
+            zeros = np.zeros(gpm.gpu.size, np.uint8)
+            for name, pct in (("sm_active_ms", gpm.sm_active_pct), ("sm_occupancy_ms", gpm.sm_occupancy_pct),
+                              ("tensor_active_ms", gpm.tensor_active_pct), ("dram_active_ms", gpm.dram_active_pct)):
+                f = kernels.fold_util(gpm.gpu, gpm.t0_us, gpm.t1_us, pct, zeros, lo, W, n_gpu, n_win,
+                                      reference=self.reference)
                 gpm_cols[name] = f.busy_us
                 gpm_cols["gpm_covered_ms"] = f.covered_us
-            self._gpm.keep(gpm, gpm[2] > hi)
+            self._gpm.keep(gpm, gpm.t1_us > hi)
 
         # cumulative rounding to whole ms: a state with no time gets exactly 0, and the parts
         # add up to the covered time
@@ -250,29 +304,32 @@ class Windower:
         if proc is None:
             return PROC_WINDOW_SCHEMA.empty_table(), []
         n_keys = len(self._proc_key_list)
-        ones = np.zeros(proc[0].size, np.uint8)
-        f = kernels.fold_util(proc[0], proc[1], proc[2], proc[3], ones, lo, W, n_keys, n_win, reference=self.reference)
-        g = kernels.fold_gauge(proc[0], proc[1], proc[2], np.full(proc[0].size, np.nan), np.full(proc[0].size, np.nan),
-                               proc[4], np.full(proc[0].size, np.nan), lo, W, n_keys, n_win, reference=self.reference)
-        self._proc.keep(proc, proc[2] > hi)
+        zeros = np.zeros(proc.key.size, np.uint8)
+        nan = np.full(proc.key.size, np.nan)
+        f = kernels.fold_util(proc.key, proc.t0_us, proc.t1_us, proc.pct, zeros, lo, W, n_keys, n_win,
+                              reference=self.reference)
+        # process memory folds as a gauge: only its maximum per window is used
+        g = kernels.fold_gauge(proc.key, proc.t0_us, proc.t1_us, nan, nan, proc.mem_bytes, nan, lo, W, n_keys, n_win,
+                               reference=self.reference)
+        self._proc.keep(proc, proc.t1_us > hi)
         held = np.minimum(_round_u32(f.covered_us / 1000), W // 1000)
         busy = np.minimum(_round_u32(f.busy_us / 1000), held)
         kk, ww = np.nonzero(held > 0)
         keys = [self._proc_key_list[k] for k in kk]
-        gpu_uuid = [self.gpus[k[0]].uuid for k in keys]
+        gpu_uuid = [self.gpus[k.gpu].uuid for k in keys]
         table = pa.Table.from_pydict(
             {
                 "gpu_uuid": pa.array(gpu_uuid, pa.string()),
                 "window_start_ms": ((lo + ww.astype(np.int64) * W) // 1000),
-                "pid": np.array([k[1] for k in keys], np.uint32),
-                "proc_start_ms": np.array([k[2] for k in keys], np.int64),
+                "pid": np.array([k.pid for k in keys], np.uint32),
+                "proc_start_ms": np.array([k.start_ms for k in keys], np.int64),
                 "held_ms": held[kk, ww].astype(np.uint32),
                 "busy_ms": busy[kk, ww].astype(np.uint32),
                 "mem_max_bytes": np.clip(_round_u32(g.mem_max[kk, ww]), 0, None).astype(np.uint64),
             },
             schema=PROC_WINDOW_SCHEMA,
         )
-        seen = {(k[1], k[2]) for k in keys}
+        seen = {(k.pid, k.start_ms) for k in keys}
         processes = [self._identities[s] for s in sorted(seen)]
         self._compact_proc_keys()
         return table, processes
@@ -281,15 +338,15 @@ class Windower:
         """Keep only the process keys that readings reaching into open windows still use, renumbered,
         so that memory and fold sizes follow the live processes, not every process ever seen."""
         kept = self._proc.parts[0] if self._proc.parts else None
-        live = np.unique(kept[0]) if kept is not None else np.zeros(0, np.int32)
+        live = np.unique(kept.key) if kept is not None else np.zeros(0, np.int32)
         if live.size == len(self._proc_key_list):
             return
         old = self._proc_key_list
         self._proc_key_list = [old[k] for k in live.tolist()]
         self._proc_keys = {pk: i for i, pk in enumerate(self._proc_key_list)}
-        ids = {(pk[1], pk[2]) for pk in self._proc_key_list}
+        ids = {(pk.pid, pk.start_ms) for pk in self._proc_key_list}
         self._identities = {k: v for k, v in self._identities.items() if k in ids}
         if kept is not None:
             remap = np.full(len(old), -1, np.int32)
             remap[live] = np.arange(live.size, dtype=np.int32)
-            self._proc.parts = [(remap[kept[0]],) + tuple(kept[1:])]
+            self._proc.parts = [kept._replace(key=remap[kept.key])]

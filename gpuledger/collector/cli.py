@@ -14,10 +14,11 @@ import typer
 from gpuledger.client import fetch_report, parse_time
 from gpuledger.config import ConfigError, load_collector
 from gpuledger.format import render
+from gpuledger.helptext import command
 
 log = logging.getLogger("gpuledger.collector")
 app = typer.Typer(help="The central collector: gRPC ingest, ClickHouse storage, priced reports.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 DEFAULT_COLLECTOR = "127.0.0.1:4700"
 
@@ -28,7 +29,6 @@ class Fmt(StrEnum):
     json = "json"
 
 
-@app.command()
 def serve(
     config: Annotated[str | None, typer.Option(help="TOML config file ([collector] section).")] = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on (default 127.0.0.1:4700).")] = None,
@@ -47,10 +47,17 @@ def serve(
 
     try:
         cfg = load_collector(config, listen=listen, data_dir=data_dir, store=store, insecure=insecure or None)
-        collector = build_collector(cfg)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:
         typer.echo(f"gpuledger collector: {e}", err=True)
         raise typer.Exit(2) from e
+    try:
+        collector = build_collector(cfg)
+    except ValueError as e:  # ConfigError, PricingError, a bad DSN: bad input
+        typer.echo(f"gpuledger collector: {e}", err=True)
+        raise typer.Exit(2) from e
+    except Exception as e:  # noqa: BLE001 - the store could not be opened: a runtime failure, said in one line
+        typer.echo(f"gpuledger collector: store {cfg.store_dsn()}: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from e
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -81,6 +88,9 @@ def _report(report: str, collector: str, since: str | None, until: str | None, b
     except ValueError as e:
         typer.echo(f"gpuledger: {e}", err=True)
         raise typer.Exit(2) from e
+    if since_ms >= until_ms:
+        typer.echo(f"gpuledger: --since ({since or '7d'}) must be before --until ({until or 'now'})", err=True)
+        raise typer.Exit(2)
     from gpuledger.security import read_token
 
     try:
@@ -94,7 +104,8 @@ def _report(report: str, collector: str, since: str | None, until: str | None, b
         return fetch_report(collector, report, since_ms, until_ms, by, filters, token=token, credentials=creds)
     except grpc.RpcError as e:
         typer.echo(f"gpuledger: collector at {collector}: {e.code().name}: {e.details()}", err=True)
-        raise typer.Exit(1) from e
+        # the collector names what is wrong with the request: bad input (2); anything else is a runtime failure
+        raise typer.Exit(2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1) from e
 
 
 IDLE_COLUMNS = ["host", "instance_type", "gpus", "gpu_hours", "active_hours", "idle_held_hours", "idle_free_hours",
@@ -137,7 +148,15 @@ def idle(
 
 
 COST_BY = "team, project, phase, workload, experiment, run, endpoint, slurm_job, slurm_account, host, process, " \
-          "or any tag key"
+          "or a tag key that the data carries"
+_NO_TAG = ("(untagged)", "(unattributed)")
+
+
+def known_by_keys() -> list[str]:
+    """The `--by` keys always accepted: the finance names of process tags, `host` and `process`."""
+    from gpuledger.collector.reports import TAG_ALIASES
+
+    return [*TAG_ALIASES, "host", "process"]
 
 
 def cost(
@@ -152,13 +171,32 @@ def cost(
 ) -> None:
     """GPU cost by team, project, phase, workload, experiment or endpoint, split active / idle.
 
+    --by takes one of the names above (team, project, phase, workload, experiment, run, endpoint,
+    slurm_job, slurm_account), host or process; or any other tag key that a process or a host in
+    the range carries (an allowlisted environment key lowercased without GPULEDGER_, such as
+    cost_center for COST_CENTER; a host tag key from the agent config; a pod label tag). Any other
+    key exits 2 and names the keys the range does carry.
+
     Examples:
       gpuledger cost --by team --since 30d
       gpuledger cost --by endpoint --since 2026-11-01 --format csv
       gpuledger cost --by experiment --since 7d --format json
+      gpuledger cost --by cost_center --since 30d
     """
     table, reply = _report("cost", collector, since, until, by, {}, token_file, ca_file)
     rows = table.to_pylist()
+    known = known_by_keys()
+    if by not in known and all(r.get(by) in _NO_TAG for r in rows):
+        # not a name we know, and no process or host in the range carries it: a typo, most likely
+        focus, _ = _report("focus", collector, since, until, "day", {}, token_file, ca_file)
+        import json
+
+        seen = sorted({k for t in focus.column("Tags").to_pylist() for k in json.loads(t or "{}")}
+                      if focus.num_rows and "Tags" in focus.column_names else set())
+        typer.echo(f"gpuledger cost: --by {by!r} is not a known key ({', '.join(known)}) and no process or host in "
+                   f"this range carries a tag of that name (tag keys in this range: {', '.join(seen) or 'none'})",
+                   err=True)
+        raise typer.Exit(2)
     cols = [by, "gpu_hours", "active_hours", "idle_held_hours", "idle_free_hours", "unmonitored_hours", "cost",
             "active_cost", "idle_cost", "unmonitored_cost", "currency"]
     typer.echo(render(rows, fmt.value, cols if fmt != Fmt.json else None))
@@ -247,44 +285,65 @@ def export_focus(
         typer.echo(f"{table.num_rows} FOCUS rows written to {output}", err=True)
 
 
-@app.command("add-agent")
 def add_agent(
     host_id: Annotated[str, typer.Argument(help="The agent's host_id (agent.host_id in its config).")],
     tokens_file: Annotated[str, typer.Option(help="The collector's tokens file (collector.tokens_file).")],
+    out: Annotated[str | None, typer.Option(help="Write the token to this file (created mode 600) instead of "
+                                                 "printing it.")] = None,
 ) -> None:
     """Create a token for one agent: its hash goes into the tokens file, the token is printed once.
 
-    Put the printed token in the agent's token file (mode 600, agent.token_file). Restart the
-    collector to load it.
+    The tokens file is created mode 600. Put the token in the agent's token file (mode 600,
+    agent.token_file; on systemd /etc/gpuledger/agent.token, passed as a credential). Restart
+    the collector to load it.
 
     Examples:
-      gpuledger collector add-agent gpu-node-01 --tokens-file /etc/gpuledger/agent-tokens > gpu-node-01.token
+      gpuledger collector add-agent gpu-node-01 --tokens-file /etc/gpuledger/agent-tokens --out gpu-node-01.token
     """
     from gpuledger.security import add_agent_token
 
     try:
-        typer.echo(add_agent_token(tokens_file, host_id))
+        _emit_token(add_agent_token(tokens_file, host_id), out)
     except ConfigError as e:
         typer.echo(f"gpuledger collector: {e}", err=True)
         raise typer.Exit(2) from e
 
 
-@app.command("query-token")
 def query_token(
     file: Annotated[str, typer.Option(help="The collector's query token file (collector.query_token_file).")],
+    out: Annotated[str | None, typer.Option(help="Write the token to this file (created mode 600) instead of "
+                                                 "printing it.")] = None,
 ) -> None:
     """Create a read-only query token for reports: its hash is appended to FILE, the token printed once.
 
+    FILE is created mode 600.
+
     Examples:
-      gpuledger collector query-token --file /etc/gpuledger/query.token > ~/.gpuledger-query-token
-      GPULEDGER_QUERY_TOKEN=$(cat ~/.gpuledger-query-token) gpuledger idle --since 7d
+      gpuledger collector query-token --file /etc/gpuledger/query.token --out ~/.gpuledger-query-token
+      gpuledger idle --since 7d --token-file ~/.gpuledger-query-token
     """
-    import os
+    from gpuledger.security import add_query_token
 
-    from gpuledger.security import hash_token, new_token
+    try:
+        _emit_token(add_query_token(file), out)
+    except ConfigError as e:
+        typer.echo(f"gpuledger collector: {e}", err=True)
+        raise typer.Exit(2) from e
 
-    token = new_token()
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(hash_token(token) + "\n")
-    typer.echo(token)
+
+def _emit_token(token: str, out: str | None) -> None:
+    if out is None:
+        typer.echo(token)
+        return
+    from gpuledger.security import write_private
+
+    try:
+        write_private(out, token + "\n")
+    except OSError as e:
+        raise ConfigError(f"--out {out}: {e.strerror}") from e
+    typer.echo(f"token written to {out} (mode 600)", err=True)
+
+
+command(app, serve)
+command(app, add_agent, "add-agent")
+command(app, query_token, "query-token")

@@ -75,3 +75,13 @@ def test_collector_validation(tmp_path):
         load_collector(env={}, partition_by="hour")
     with pytest.raises(ConfigError, match="config file .*: not found"):
         load_collector(tmp_path / "missing.toml", env={})
+
+
+def test_sample_collector_config_prices_as_shipped():
+    """Every file the sample names ships with it (or the key stays commented out): the collector
+    starts with the sample as shipped instead of refusing a pricing file nobody has."""
+    from gpuledger.collector.pricing import Pricing
+
+    cfg = load_collector(ROOT / "systemd" / "collector.toml", env={})
+    assert cfg.pricing_file == "" or Path(cfg.pricing_file).is_file()
+    assert Pricing.default(cfg.pricing_file or None).sources
