@@ -38,7 +38,7 @@ def parse_time(text: str | None, now_ms: int, default_ms: int | None = None) -> 
 
 def fetch_report(target: str, report: str, since_ms: int, until_ms: int, by: str, filters: dict | None = None,
                  token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float = 120.0) -> tuple[pa.Table, pb.ReportReply]:
+                 timeout_s: float = 600.0) -> tuple[pa.Table, pb.ReportReply]:
     channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
     with channel:
         call = channel.unary_unary("/gpuledger.v1.Query/Report", request_serializer=pb.ReportRequest.SerializeToString,
@@ -48,3 +48,14 @@ def fetch_report(target: str, report: str, since_ms: int, until_ms: int, by: str
                                       filters=filters or {}), timeout=timeout_s, metadata=md)
     table = pa.ipc.open_stream(pa.py_buffer(reply.arrow)).read_all() if reply.arrow else pa.table({})
     return table, reply
+
+
+def retire_host(target: str, host_id: str, at_ms: int = 0, note: str = "", token: str | None = None,
+                credentials: grpc.ChannelCredentials | None = None, timeout_s: float = 60.0) -> pb.RetireReply:
+    """Tell the collector a host is gone from at_ms (0: now); needs the admin token where tokens are on."""
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
+        call = channel.unary_unary("/gpuledger.v1.Admin/Retire", request_serializer=pb.RetireRequest.SerializeToString,
+                                   response_deserializer=pb.RetireReply.FromString)
+        md = (("authorization", f"Bearer {token}"),) if token else ()
+        return call(pb.RetireRequest(host_id=host_id, at_ms=at_ms, note=note), timeout=timeout_s, metadata=md)

@@ -108,8 +108,14 @@ def _report(report: str, collector: str, since: str | None, until: str | None, b
         raise typer.Exit(2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1) from e
 
 
-IDLE_COLUMNS = ["host", "instance_type", "gpus", "gpu_hours", "active_hours", "idle_held_hours", "idle_free_hours",
-                "unmonitored_hours", "mean_util_pct", "cost", "idle_cost", "idle_share", "currency"]
+IDLE_COLUMNS = ["host", "instance_type", "gpus", "state", "since", "gpu_hours", "active_hours", "idle_held_hours",
+                "idle_free_hours", "unmonitored_hours", "mean_util_pct", "cost", "idle_cost", "idle_share", "currency"]
+
+
+def _since_text(ms) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else ""
 
 
 def idle(
@@ -141,6 +147,8 @@ def idle(
         raise typer.Exit(2)
     rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0) if isinstance(r.get(sort), (int, float))
                              else 0, str(r.get(sort)) if not isinstance(r.get(sort), (int, float)) else ""))
+    for r in rows:  # live hosts show no 'since'; the others since when they stopped, went silent or were retired
+        r["since"] = "" if r.get("state") == "live" else _since_text(r.get("state_since_ms"))
     cols = IDLE_COLUMNS if by == "host" else IDLE_COLUMNS[:1] + ["gpu_uuid"] + IDLE_COLUMNS[1:]
     typer.echo(render(rows, fmt.value, cols if fmt != Fmt.json else None))
     if fmt == Fmt.table:
@@ -331,6 +339,71 @@ def query_token(
         raise typer.Exit(2) from e
 
 
+def admin_token(
+    file: Annotated[str, typer.Option(help="The collector's admin token file (collector.admin_token_file).")],
+    out: Annotated[str | None, typer.Option(help="Write the token to this file (created mode 600) instead of "
+                                                 "printing it.")] = None,
+) -> None:
+    """Create an admin token (retire hosts, import bills and API spend; read reports): its hash is appended
+    to FILE, the token printed once.
+
+    FILE is created mode 600. Restart the collector to load it.
+
+    Examples:
+      gpuledger collector admin-token --file /etc/gpuledger/admin.token --out ~/.gpuledger-admin-token
+      gpuledger collector retire gpu-node-17 --token-file ~/.gpuledger-admin-token
+    """
+    from gpuledger.security import add_query_token
+
+    try:
+        _emit_token(add_query_token(file), out)  # the same one-hash-per-line format as query tokens
+    except ConfigError as e:
+        typer.echo(f"gpuledger collector: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+def retire(
+    host_id: Annotated[str, typer.Argument(help="The host's id (agent.host_id).")],
+    at: Annotated[str | None, typer.Option(help="When it went away: ISO 8601 or relative (2h). Default now.")] = None,
+    note: Annotated[str, typer.Option(help="Why (kept with the record).")] = "",
+    collector: Annotated[str, typer.Option(help="Collector HOST:PORT.")] = DEFAULT_COLLECTOR,
+    token_file: Annotated[str | None, typer.Option(help="File holding the admin token (or "
+                                                     "GPULEDGER_ADMIN_TOKEN).")] = None,
+    ca_file: Annotated[str | None, typer.Option(help="CA certificate of a TLS collector.")] = None,
+) -> None:
+    """Say a host is gone: from AT on, its silence is no longer counted as unmonitored time.
+
+    A host that stops on purpose (SIGTERM, shutdown) says so itself; one that vanished (terminated
+    without a clean shutdown, decommissioned) stays unmonitored until the collector's silence horizon
+    (collector.silence_horizon_s) unless retired. Windows it sends later bring it back.
+
+    Examples:
+      gpuledger collector retire gpu-node-17
+      gpuledger collector retire spot-a100-3 --at 2026-11-20T03:15Z --note "spot reclaim"
+    """
+    import os
+    import time
+
+    from gpuledger.client import retire_host
+    from gpuledger.security import read_token
+
+    now_ms = int(time.time() * 1000)
+    try:
+        at_ms = parse_time(at, now_ms, now_ms)
+        token = read_token(token_file, "GPULEDGER_ADMIN_TOKEN") if token_file or os.environ.get(
+            "GPULEDGER_ADMIN_TOKEN") else None
+        creds = grpc.ssl_channel_credentials(open(ca_file, "rb").read()) if ca_file else None
+    except (ValueError, ConfigError, OSError) as e:
+        typer.echo(f"gpuledger collector retire: {e}", err=True)
+        raise typer.Exit(2) from e
+    try:
+        reply = retire_host(collector, host_id, at_ms, note, token=token, credentials=creds)
+    except grpc.RpcError as e:
+        typer.echo(f"gpuledger collector retire: collector at {collector}: {e.code().name}: {e.details()}", err=True)
+        raise typer.Exit(2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1) from e
+    typer.echo(f"{reply.host_id}: retired from {_since_text(reply.at_ms)} UTC; now {reply.state}")
+
+
 def _emit_token(token: str, out: str | None) -> None:
     if out is None:
         typer.echo(token)
@@ -347,3 +420,5 @@ def _emit_token(token: str, out: str | None) -> None:
 command(app, serve)
 command(app, add_agent, "add-agent")
 command(app, query_token, "query-token")
+command(app, admin_token, "admin-token")
+command(app, retire)

@@ -186,4 +186,9 @@ def retire(store: Store, host_id: str, at_ms: int, note: str, now_ms: int,
         "recorded_ms": pa.array([now_ms], pa.int64()), "note": pa.array([note[:500]])}))
     _, status = coverage.expectations(store, at_ms, now_ms + 1, now_ms, rules, host_filter=host_id)
     st = status.get(host_id)
-    return at_ms, (f"{st.state} since {st.since_ms}" if st else "unknown")
+    if st is None:
+        return at_ms, "unknown"
+    from datetime import UTC, datetime
+
+    since = datetime.fromtimestamp(st.since_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return at_ms, st.state if st.state == "live" else f"{st.state} since {since}"

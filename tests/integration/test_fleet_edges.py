@@ -228,3 +228,50 @@ def test_a_first_window_far_in_the_past_is_bounded(sim_collector):
     r = idle_rows(c.store, c.pricing, NOW_MS - 30 * 24 * HOUR_MS, NOW_MS, "gpu", {"host": "hostile2"},
                   now_ms=NOW_MS)[0]
     assert r["unmonitored_hours"] == pytest.approx(24.0, abs=1e-6)
+
+
+def test_retire_over_the_admin_service_and_the_cli(tmp_path):
+    """`gpuledger collector retire` through a collector with tokens: only the admin token may."""
+    import time
+
+    import grpc
+    from typer.testing import CliRunner
+
+    from gpuledger.cli import app
+    from gpuledger.client import retire_host
+    from gpuledger.collector.store import Store
+    from gpuledger.security import Auth, hash_token, new_token
+
+    admin, query, agent = new_token(), new_token(), new_token()
+    store = Store(f"chdb://{tmp_path / 'chdb'}")
+    clock = SimClock(int(time.time() * 1e6))
+    c = Collector(store, Pricing.default(), listen="127.0.0.1:0", clock=clock,
+                  auth=Auth({hash_token(agent): "gone-host"}, {hash_token(query): "q"}, {hash_token(admin): "ops"}))
+    c.start()
+    try:
+        base = int(time.time() * 1000) // 10_000 * 10_000 - HOUR_MS
+        raw = _batch("gone-host", [GPU], _util(base, base + 60_000), base, base + 60_000)
+        acks = send_batches(c.address, [raw], metadata=(("authorization", f"Bearer {agent}"),))
+        assert [a.code for a in acks] == [OK]
+        clock.advance(2 * 3600)  # silent since
+        with pytest.raises(grpc.RpcError) as e:
+            retire_host(c.address, "gone-host", token=query)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "admin token" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            retire_host(c.address, "never-seen", token=admin)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "never reported" in e.value.details()
+        tok = tmp_path / "admin.token"
+        tok.write_text(admin + "\n")
+        tok.chmod(0o600)
+        res = CliRunner().invoke(app, ["collector", "retire", "gone-host", "--at", "30m", "--collector", c.address,
+                                       "--token-file", str(tok), "--note", "decommissioned"])
+        assert res.exit_code == 0, res.output
+        assert "gone-host: retired from" in res.output and "now retired since" in res.output
+        assert store.query_rows("SELECT note FROM gpuledger.host_events FINAL WHERE host_id = 'gone-host'") == \
+            [("decommissioned",)]
+        res = CliRunner().invoke(app, ["collector", "retire", "gone-host", "--at", "yesterday-ish", "--collector",
+                                       c.address, "--token-file", str(tok)])
+        assert res.exit_code == 2 and "cannot read 'yesterday-ish'" in res.output
+    finally:
+        c.stop(grace_s=1)
+        store.close()

@@ -256,7 +256,7 @@ def test_exec_start_lines_start_as_the_unit_user_with_their_credentials(tmp_path
         c = collector.start({"PYTHONPATH": str(ROOT)})
         procs.append(c)
         out = _wait_for(c, "collector listening on", 120)
-        assert "1 agent tokens, 1 query tokens; TLS" in out, out
+        assert "1 agent tokens, 1 query tokens, 0 admin tokens; TLS" in out, out
         fast = {"GPULEDGER_AGENT_WINDOW_S": "1", "GPULEDGER_AGENT_TICK_S": "0.2", "GPULEDGER_AGENT_FLUSH_S": "1",
                 "GPULEDGER_AGENT_LATENESS_S": "0.2"}
         a = agent.start({"PYTHONPATH": f"{shim}{os.pathsep}{ROOT}", **fast})
