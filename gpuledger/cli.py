@@ -87,7 +87,8 @@ def demo(
 
     Starts a collector (gRPC on 127.0.0.1, embedded ClickHouse in DATA_DIR), one agent per
     simulated host (each with its own spool and gRPC stream), replays a simulated day, and asks
-    the collector for the idle-waste and cost reports.
+    the collector for the idle-waste and cost reports. One more host is elastic: an inference
+    endpoint that scales to zero twice and comes back (its agent stops and starts).
 
     Examples:
       gpuledger demo
@@ -97,6 +98,7 @@ def demo(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from gpuledger.agent.simulate import elastic_fleet, simulated_fleet
     from gpuledger.client import fetch_report
     from gpuledger.demo import run_fleet, start_embedded_collector
     from gpuledger.format import render
@@ -108,17 +110,18 @@ def demo(
     try:
         with Progress(TextColumn("simulating {task.fields[hosts]} hosts x {task.fields[hours]:g} h"), BarColumn(),
                       TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn()) as bar:
-            task = bar.add_task("sim", total=1.0, hosts=hosts, hours=hours)
-            run = run_fleet(collector.address, root / "spool", hosts, hours, seed=seed,
+            fleet = simulated_fleet(hosts, seed) + [h for h in elastic_fleet(hours) if h.host_id == "sim-elastic-endpoint"]
+            task = bar.add_task("sim", total=1.0, hosts=len(fleet), hours=hours)
+            run = run_fleet(collector.address, root / "spool", hosts, hours, seed=seed, hosts=fleet,
                             progress=lambda f: bar.update(task, completed=f))
         windows = sum(a.windows_sampled for a in run.agents)
-        gpus = sum(len(a.gpus) for a in run.agents)
-        typer.echo(f"{gpus} GPUs on {hosts} hosts: {windows:,} GPU-windows sampled, spooled, streamed and "
+        gpus = sum(len(s.gpus()) for s in run.sources)
+        typer.echo(f"{gpus} GPUs on {len(fleet)} hosts: {windows:,} GPU-windows sampled, spooled, streamed and "
                    f"acknowledged in {time.perf_counter() - t0:.1f} s")
         since_ms, until_ms = run.start_us // 1000, run.end_us // 1000
         table, reply = fetch_report(collector.address, "idle", since_ms, until_ms, "host")
         typer.echo("\nIdle waste by host (gpuledger idle):")
-        typer.echo(render(table.to_pylist(), "table", collector_cli.IDLE_COLUMNS))
+        typer.echo(render(collector_cli.with_since(table.to_pylist()), "table", collector_cli.IDLE_COLUMNS))
         table, _ = fetch_report(collector.address, "cost", since_ms, until_ms, "team")
         typer.echo("\nCost by team (gpuledger cost --by team):")
         typer.echo(render(table.to_pylist(), "table", ["team", "gpu_hours", "active_hours", "idle_held_hours",

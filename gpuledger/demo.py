@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gpuledger.agent.runtime import Agent
 from gpuledger.agent.shipper import Shipper
-from gpuledger.agent.simulate import SimulatedSource, Truth, simulated_fleet
+from gpuledger.agent.simulate import SimHost, SimulatedSource, Truth, simulated_fleet
 from gpuledger.agent.spool import Spool
 from gpuledger.clock import SimClock, WallClock
 from gpuledger.collector.pricing import Pricing
@@ -46,41 +46,78 @@ class FleetRun:
 
 def run_fleet(collector_address: str, spool_root: Path, n_hosts: int, hours: float, *, seed: int = 7,
               start_us: int | None = None, tick_s: float = 300.0, flush_s: float = 600.0, window_s: float = 10.0,
-              progress=None, drain_timeout_s: float = 300.0, token: str | None = None) -> FleetRun:
-    """Run a simulated fleet for `hours` of simulated time, one thread per host; wait for every ack."""
+              progress=None, drain_timeout_s: float = 300.0, token: str | None = None,
+              hosts: list[SimHost] | None = None) -> FleetRun:
+    """Run a simulated fleet for `hours` of simulated time, one thread per host; wait for every ack.
+
+    `hosts` defaults to `simulated_fleet(n_hosts, seed)`. A host's lifecycle events (simulate.SimHost)
+    are played on its own clock: a stop is a graceful agent stop (the host is then off), a start a new
+    agent run, a kill an agent that dies right after closing its windows while the host stays up, a
+    restart the agent back on the same boot."""
     w_us = int(window_s * 1e6)
     if start_us is None:
         start_us = (WallClock().now_us() - int(hours * 3600e6)) // w_us * w_us
     end_us = start_us + int(hours * 3600e6)
-    hosts = simulated_fleet(n_hosts, seed)
-    agents, sources, shippers, clocks = [], [], [], []
+    hosts = simulated_fleet(n_hosts, seed) if hosts is None else hosts
+    agents, sources, shippers, clocks, cfgs, spools = [], [], [], [], [], []
     for h in hosts:
-        clock = SimClock(start_us)
-        src = SimulatedSource(h.host_id, h.gpu_model, list(h.gpus), start_us, seed=seed)
+        off = int(h.clock_offset_s * 1e6)
+        clock = SimClock(start_us + off)
+        src = SimulatedSource(h.host_id, h.gpu_model, list(h.gpus), start_us + off, seed=seed)
         cfg = AgentConfig(host_id=h.host_id, provider=h.provider, region=h.region, instance_type=h.instance_type,
                           tags=dict(h.tags), collector=collector_address,
                           spool_dir=str(spool_root / h.host_id), window_s=window_s, tick_s=min(tick_s, window_s),
                           flush_s=flush_s, kernels="numba").validate()
         spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, fsync=False)
-        agents.append(Agent(cfg, src, clock, spool, start_us=start_us))
+        agents.append(Agent(cfg, src, clock, spool, start_us=start_us + off))
         shippers.append(Shipper(collector_address, spool, token=token, max_inflight=4).start())
         sources.append(src)
         clocks.append(clock)
-    done_us = [0] * len(agents)
+        cfgs.append(cfg)
+        spools.append(spool)
+    runs: list[list[Agent]] = [[a] for a in agents]
+    done_us = [0] * len(hosts)
     t0 = time.perf_counter()
 
     def drive(i: int) -> None:
-        clock, agent = clocks[i], agents[i]
-        while clock.now_us() < end_us:
-            clock.advance(min(tick_s, (end_us - clock.now_us()) / 1e6))
-            agent.step()
-            done_us[i] = clock.now_us() - start_us
-        agent.close()
+        clock, src, h = clocks[i], sources[i], hosts[i]
+        off = int(h.clock_offset_s * 1e6)
+        agent: Agent | None = runs[i][0]
 
-    threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in range(len(agents))]
+        def run_until(t_true_us: int) -> None:
+            target = min(t_true_us, end_us) + off
+            while clock.now_us() < target:
+                clock.advance(min(tick_s, (target - clock.now_us()) / 1e6))
+                agent.step()
+                done_us[i] = clock.now_us() - off - start_us
+
+        for t_s, kind in sorted(h.lifecycle):
+            t = start_us + int(t_s * 1e6)
+            if t >= end_us:
+                break
+            if kind in ("stop", "kill") and agent is not None:
+                run_until(t)
+                if kind == "stop":
+                    agent.close()
+                else:  # dies: no stop batch, the host stays up; what was not spooled yet is lost
+                    src.forget_after(spools[i].closed_until_ms * 1000)
+                agent = None
+            elif kind in ("start", "restart") and agent is None:
+                clock.advance((t + off - clock.now_us()) / 1e6)
+                src.skip_to(clock.now_us(), unmonitored=kind == "restart")
+                # a start is a new run from now; a restart resumes where the killed run stopped closing windows
+                agent = Agent(cfgs[i], src, clock, spools[i], start_us=clock.now_us() if kind == "start" else None,
+                              boot_ms=0)
+                runs[i].append(agent)
+        if agent is not None:
+            run_until(end_us)
+            agent.close()
+        done_us[i] = end_us - start_us
+
+    threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in range(len(hosts))]
     for t in threads:
         t.start()
-    total = (end_us - start_us) * len(agents)
+    total = (end_us - start_us) * len(hosts)
     while any(t.is_alive() for t in threads):
         if progress:
             progress(sum(done_us) / total)
@@ -91,7 +128,7 @@ def run_fleet(collector_address: str, spool_root: Path, n_hosts: int, hours: flo
         if not sh.drain(drain_timeout_s):
             raise RuntimeError(f"shipper for {sh.spool.dir} did not drain: {sh.stats.last_error}")
         sh.close()
-    return FleetRun(start_us, end_us, agents, sources, shippers, time.perf_counter() - t0)
+    return FleetRun(start_us, end_us, [a for r in runs for a in r], sources, shippers, time.perf_counter() - t0)
 
 
 def start_embedded_collector(data_dir: Path, listen: str = "127.0.0.1:0") -> Collector:

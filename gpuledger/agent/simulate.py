@@ -138,6 +138,7 @@ class SimulatedSource:
         self._state = [_State(next_end_us=self.start_us + self.period_us, last_gauge_us=self.start_us)
                        for _ in gpus]
         self.truth = [Truth() for _ in gpus]
+        self._recent: list[list[tuple]] = [[] for _ in gpus]  # per GPU: the last minutes of accounted samples
         self._truth_until_us = self.start_us
         self._closed = False
         self._poisson_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -340,6 +341,41 @@ class SimulatedSource:
         t.idle_held_s += float((dur - busy)[mon & held].sum())
         t.idle_free_s += float((dur - busy)[mon & ~held].sum())
         t.unmonitored_s += float(dur[out].sum())
+        recent = self._recent[g]
+        recent.append((starts, ends, pct, held, out))
+        while len(recent) > 1 and recent[0][1][-1] < ends[-1] - 600_000_000:  # keep the last ten minutes
+            recent.pop(0)
+
+    def forget_after(self, t_us: int) -> None:
+        """The agent died at the latest poll and lost what it measured after `t_us` (windows not yet closed
+        or spooled): in the truth that time is unmonitored, not what the samples said."""
+        for g, recent in enumerate(self._recent):
+            t = self.truth[g]
+            for starts, ends, pct, held, out in recent:
+                lost = np.clip(ends - np.maximum(starts, t_us), 0, None) / 1e6  # seconds of each sample after t_us
+                if not lost.any():
+                    continue
+                busy = lost * pct / 100.0
+                mon = ~out
+                t.active_s -= float(busy[mon].sum())
+                t.idle_held_s -= float((lost - busy)[mon & held].sum())
+                t.idle_free_s -= float((lost - busy)[mon & ~held].sum())
+                t.unmonitored_s += float(lost[mon].sum())
+            self._recent[g] = []
+
+    def skip_to(self, t_us: int, unmonitored: bool = False) -> None:
+        """Jump to `t_us` without handing out samples: the host was off (not expected at all: no truth), or
+        with `unmonitored` up but unwatched (its agent was down: the time is unmonitored in the truth)."""
+        for g, st in enumerate(self._state):
+            first_end = st.next_end_us
+            if t_us + self.period_us <= first_end:
+                continue
+            n = (t_us - first_end) // self.period_us + 1  # samples ending at or before t_us are skipped
+            st.next_end_us = first_end + n * self.period_us
+            if unmonitored:
+                self.truth[g].unmonitored_s += n * self.period_us / 1e6
+            st.last_gauge_us = max(st.last_gauge_us, t_us)
+            st.energy_mj += 0.0  # the counter does not move while nothing is read
 
     def truth_until_us(self) -> int:
         """Ground truth covers [start_us, this) for every GPU."""
@@ -358,6 +394,38 @@ class SimHost:
     gpu_model: str
     gpus: tuple[SimGpu, ...]
     tags: dict = field(default_factory=dict)
+    # The elastic profile: (seconds after the fleet's start, event) with event "stop" (the agent stops on
+    # purpose: spot notice, scale to zero, nightly shutdown; the host is then off), "start" (up again),
+    # "kill" (the agent dies, the host stays up) and "restart" (the agent is back after a kill).
+    lifecycle: tuple[tuple[float, str], ...] = ()
+    clock_offset_s: float = 0.0  # this host's clock minus the true time
+
+
+def elastic_fleet(hours: float, seed: int = 7) -> list[SimHost]:
+    """Hosts at the fleet's edges, each with its lifecycle: a spot instance terminated for good, an
+    inference endpoint scaling to zero and back, a nightly stop and start, an agent killed and
+    restarted on a host that stayed up, and a host whose clock runs 4 minutes ahead. Event times are
+    multiples of 10 s (the default window), as the gaps a real agent leaves are."""
+    span = hours * 3600.0
+
+    def at(frac: float) -> float:
+        return round(span * frac / 10.0) * 10.0
+
+    base = dict(provider="aws", region="us-east-1", tags={"team": "platform", "cloud_account": "aws-prod"})
+    return [
+        SimHost("sim-elastic-spot", instance_type="g5.12xlarge", gpu_model="A10G", **base,
+                gpus=(SimGpu("training", "research", "llm-pretrain"),) * 4, lifecycle=((at(0.6), "stop"),)),
+        SimHost("sim-elastic-endpoint", instance_type="g6e.xlarge", gpu_model="L40S", **base,
+                gpus=(SimGpu("inference", "platform", "chat-api"),),
+                lifecycle=((at(0.2), "stop"), (at(0.45), "start"), (at(0.7), "stop"), (at(0.85), "start"))),
+        SimHost("sim-elastic-nightly", instance_type="g6.xlarge", gpu_model="L4", **base,
+                gpus=(SimGpu("notebook", "vision", "detector"),), lifecycle=((at(0.3), "stop"), (at(0.5), "start"))),
+        SimHost("sim-elastic-crash", instance_type="g4dn.xlarge", gpu_model="T4", **base,
+                gpus=(SimGpu("inference", "search", "ranker"),),
+                lifecycle=((at(0.4), "kill"), (at(0.4) + 600.0, "restart"))),
+        SimHost("sim-elastic-ahead", instance_type="g5.xlarge", gpu_model="A10G", **base,
+                gpus=(SimGpu("training", "research", "llm-pretrain"),), clock_offset_s=240.0),
+    ]
 
 
 # (provider, region, instance type, GPU model, GPU count) from the shipped catalog

@@ -112,6 +112,13 @@ IDLE_COLUMNS = ["host", "instance_type", "gpus", "state", "since", "gpu_hours", 
                 "idle_free_hours", "unmonitored_hours", "mean_util_pct", "cost", "idle_cost", "idle_share", "currency"]
 
 
+def with_since(rows: list[dict]) -> list[dict]:
+    """Idle rows with a readable 'since': empty for a live host, else when it stopped, went silent or was retired."""
+    for r in rows:
+        r["since"] = "" if r.get("state") == "live" else _since_text(r.get("state_since_ms"))
+    return rows
+
+
 def _since_text(ms) -> str:
     from datetime import UTC, datetime
 
@@ -147,8 +154,7 @@ def idle(
         raise typer.Exit(2)
     rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0) if isinstance(r.get(sort), (int, float))
                              else 0, str(r.get(sort)) if not isinstance(r.get(sort), (int, float)) else ""))
-    for r in rows:  # live hosts show no 'since'; the others since when they stopped, went silent or were retired
-        r["since"] = "" if r.get("state") == "live" else _since_text(r.get("state_since_ms"))
+    rows = with_since(rows)
     cols = IDLE_COLUMNS if by == "host" else IDLE_COLUMNS[:1] + ["gpu_uuid"] + IDLE_COLUMNS[1:]
     typer.echo(render(rows, fmt.value, cols if fmt != Fmt.json else None))
     if fmt == Fmt.table:
