@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from gpuledger import __version__
+from gpuledger import __version__, cli_report
 from gpuledger.agent.cli import app as agent_app
 from gpuledger.collector import cli as collector_cli
 
@@ -22,6 +22,7 @@ app.command()(collector_cli.pricing)
 export_app = typer.Typer(help="Export cost and usage for other tools.", no_args_is_help=True)
 export_app.command("focus")(collector_cli.export_focus)
 app.add_typer(export_app, name="export")
+app.add_typer(cli_report.app, name="report")
 
 
 @app.callback()
