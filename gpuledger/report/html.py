@@ -275,6 +275,9 @@ class Col:
     kind: str  # see fmt
 
 
+TALL_ROWS = 25  # a longer table scrolls in its own box, so the charts below stay near
+
+
 def table(rows: list[dict], cols: list[Col], *, report: str, by: str, key: str, currency: str,
           caption: str = "") -> str:
     """An HTML table; every figure cell carries its column (data-col) and exact value (data-v)."""
@@ -293,7 +296,8 @@ def table(rows: list[dict], cols: list[Col], *, report: str, by: str, key: str, 
                              f'{esc(fmt(c.kind, v, currency))}</td>')
         body.append(f'<tr data-key="{esc(r.get(key, ""))}">{"".join(cells)}</tr>')
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return (f'<div class="scroll"><table class="figures" data-report="{esc(report)}" data-by="{esc(by)}" '
+    box = "scroll tall" if len(rows) > TALL_ROWS else "scroll"
+    return (f'<div class="{box}"><table class="figures" data-report="{esc(report)}" data-by="{esc(by)}" '
             f'data-key="{esc(key)}">{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
@@ -697,7 +701,8 @@ h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 28px 0 8p
 .kpi .v { font-size: 20px; font-weight: 600; } .kpi .k { color: var(--muted); font-size: 12px; }
 nav { position: sticky; top: 0; background: #fff; padding: 8px 0; border-bottom: 1px solid var(--line); z-index: 2; }
 nav a { margin-right: 14px; color: #0969da; text-decoration: none; }
-.scroll { overflow-x: auto; }
+.scroll { overflow-x: auto; } .scroll.tall { max-height: 460px; overflow-y: auto; }
+.scroll.tall thead th { position: sticky; top: 0; }
 .chart { width: 100%; min-height: 60px; margin: 6px 0 10px; }
 table.figures { border-collapse: collapse; margin: 6px 0 14px; font-size: 12.5px; width: 100%; }
 table.figures caption { text-align: left; color: var(--muted); font-family: ui-monospace, monospace; font-size: 12px;
