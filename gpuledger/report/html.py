@@ -7,8 +7,9 @@ nothing from anywhere and its Content-Security-Policy forbids it to.
 
 Why Vega-Lite (Altair + vl-convert): both are maintained by the Vega project, the JavaScript comes
 inside a PyPI wheel (no CDN, no npm step, no browser download), Altair validates every spec against
-the Vega-Lite schema before the page is written, and the whole runtime is about 0.9 MB inlined,
-where plotly's offline bundle alone is about 4.6 MB of the 5 MB a page may weigh.
+the Vega-Lite schema before the page is written, and the whole runtime is 0.9 MB inlined
+(measured), where plotly's offline bundle (plotly.min.js, several MB) would take most of the 5 MB a page
+may weigh before any data.
 
 Every figure comes from the collector's Query service, as the CLI gets it (`client.fetch_report`):
 - idle waste by host (`idle`, by host), the headline totals and the price table;
