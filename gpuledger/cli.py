@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from gpuledger import __version__
+from gpuledger import __version__, cli_report
 from gpuledger.agent.cli import app as agent_app
 from gpuledger.collector import cli as collector_cli
 from gpuledger.helptext import command
@@ -29,6 +29,7 @@ command(app, collector_cli.pricing)
 export_app = typer.Typer(help="Export cost and usage for other tools.", no_args_is_help=True, rich_markup_mode=None)
 command(export_app, collector_cli.export_focus, "focus")
 app.add_typer(export_app, name="export")
+app.add_typer(cli_report.app, name="report")
 
 DEMO_MARKER = ".gpuledger-demo"  # written into a demo's data directory: only such a directory is emptied
 

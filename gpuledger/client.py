@@ -39,7 +39,8 @@ def parse_time(text: str | None, now_ms: int, default_ms: int | None = None) -> 
 def fetch_report(target: str, report: str, since_ms: int, until_ms: int, by: str, filters: dict | None = None,
                  token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
                  timeout_s: float = 600.0) -> tuple[pa.Table, pb.ReportReply]:
-    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    opts = [("grpc.max_receive_message_length", 256 << 20)]  # the collector sends up to 256 MiB (a month's FOCUS rows)
+    channel = grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
     with channel:
         call = channel.unary_unary("/gpuledger.v1.Query/Report", request_serializer=pb.ReportRequest.SerializeToString,
                                    response_deserializer=pb.ReportReply.FromString)

@@ -57,8 +57,12 @@ def run(store: Store, pricing: Pricing, req: pb.ReportRequest, now_ms: int,
         from gpuledger.collector.export import focus_rows, focus_table
 
         rows = focus_table(focus_rows(store, pricing, since, until, req.by or "day", now_ms, rules))
+    elif req.report == "heatmap":
+        from gpuledger.collector.heatmap import heatmap_table
+
+        rows = heatmap_table(store, since, until, req.by or "gpu", filters, now_ms, rules)
     else:
-        raise ReportError(f"report: unknown report {req.report!r} (idle, cost, focus)")
+        raise ReportError(f"report: unknown report {req.report!r} (idle, cost, focus, heatmap)")
     table = rows if isinstance(rows, pa.Table) else (pa.Table.from_pylist(rows) if rows else pa.table({}))
     currencies = sorted({c for c in (table.column("currency").to_pylist() if "currency" in table.column_names
                                      else []) if c})

@@ -166,6 +166,11 @@ TABLES: dict[str, Table] = {
                           "AggregatingMergeTree", "(host_id, hour_ms)"),
     "rollup_built": Table(f"host_id LowCardinality(String), hour_ms Int64, built_us {_MAX}",
                           "AggregatingMergeTree", "(host_id, hour_ms)"),
+    # the price in force per GPU and price segment, for SQL readers (price_table.py writes it)
+    "prices": Table("""
+        host_id String, gpu_uuid String, from_ms Int64, until_ms Int64, per_gpu_hour Float64,
+        currency LowCardinality(String), method LowCardinality(String), source String, version_ms Int64
+    """, "MergeTree", "(host_id, gpu_uuid, from_ms, version_ms)"),
     "agent_batches": Table("""
         agent_id LowCardinality(String), host_id LowCardinality(String), agent_epoch UInt64, seq UInt64,
         received_ms Int64, windows UInt32, proc_windows UInt32, dropped_windows UInt64
