@@ -129,6 +129,10 @@ def demo(
                                                        "idle_free_hours", "unmonitored_hours", "cost", "idle_cost",
                                                        "currency"]))
         typer.echo(f"\nprices: {reply.pricing_source}")
+        from gpuledger.report import write_report
+
+        page = write_report(collector.address, since_ms, until_ms, root / "report.html")
+        typer.echo(f"\nHTML report (opens offline; charts for finance): {page.resolve()}")
     finally:
         collector.stop()
         collector.store.close()

@@ -109,6 +109,7 @@ class Sealer:
         self.passes = 0
         self.errors = 0
         self.last_error = ""
+        self.after_pass = None  # called after every pass (the collector refreshes its prices table there)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -131,6 +132,8 @@ class Sealer:
         while not self._stop.wait(self.interval_s):
             try:
                 self.seal_now()
+                if self.after_pass is not None:
+                    self.after_pass()
             except StoreError as e:
                 self.errors += 1
                 self.last_error = str(e)

@@ -60,6 +60,11 @@ class Collector:
         self.ingest = Ingest(self.writer, limits, self.clock, max_batch_bytes, auth, store,
                              backfill_ms=int(backfill_hours * 3_600_000))
         self.sealer = Sealer(store, self.clock, interval_s=seal_interval_s, settle_s=seal_settle_s)
+        # the prices in force per GPU, in the store for SQL readers (Grafana): kept current by the sealer's thread
+        from gpuledger.collector.price_table import PriceTable
+
+        self.prices = PriceTable(store, pricing)
+        self.sealer.after_pass = lambda: self.prices.refresh(self.clock.now_us() // 1000)
         self.server_credentials = server_credentials
         self.security_note = ""
         self.max_streams = max_streams
@@ -94,6 +99,10 @@ class Collector:
         self._thread.start()
         self.port = ready.result(timeout=60)
         self.writer.start()
+        try:
+            self.prices.refresh(self.clock.now_us() // 1000)
+        except Exception as e:  # reports do not need it; Grafana's money waits for the next pass
+            log.warning("prices table not written at start: %s", e)
         self.sealer.start()
         self._started = True
         return self.port
