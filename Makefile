@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench proto proto-check lint clean
+.PHONY: demo test test-tools bench proto proto-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Chromium, promtool, systemd-analyze, Alertmanager, mlflow and focus-validator for the tests that use them
+test-tools:
+	scripts/test-tools.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
