@@ -397,9 +397,15 @@ def _validate_proc(t: pa.Table, gpu: pa.Table, uuids: set, procs: set) -> None:
         raise Invalid(f"{f}gpu_uuid: not in gpus at row {_first_bad(np.asarray(unknown))}")
     pid = _col(t, "pid")
     pstart = _col(t, "proc_start_ms")
-    known = np.fromiter(((int(a), int(b)) in procs for a, b in zip(pid, pstart, strict=True)), bool, len(pid))
-    if not known.all():
-        r = _first_bad(~known)
+    # a batch names few processes: look each distinct (pid, start) up once (a hash group-by, not a sort)
+    uniq = pa.table({"p": t.column("pid"), "s": t.column("proc_start_ms")}).group_by(["p", "s"]).aggregate([])
+    unknown = [(p, st) for p, st in zip(uniq.column("p").to_pylist(), uniq.column("s").to_pylist(), strict=True)
+               if (p, st) not in procs]
+    if unknown:
+        bad = np.zeros(len(pid), bool)
+        for p, st in unknown[:100]:
+            bad |= (pid == p) & (pstart == st)
+        r = _first_bad(bad)
         raise Invalid(f"{f}(pid, proc_start_ms): ({int(pid[r])}, {int(pstart[r])}) at row {r} not in processes")
     held = _col(t, "held_ms").astype(np.int64)
     busy = _col(t, "busy_ms").astype(np.int64)
