@@ -140,6 +140,7 @@ class CollectorConfig:
     silence_horizon_s: float = 3600.0  # the longest silence (no stop) counted as unmonitored before the host is
     # taken as gone; a host that comes back after a shorter silence has it all counted
     seal_interval_s: float = 30.0  # how often hourly rollups are brought up to date
+    run_sealer: bool = True  # several collectors on one ClickHouse cluster: let one of them roll up
     seal_settle_s: float = 60.0  # a host-hour is rolled up once nothing landed in it for this long
     max_future_s: float = 300.0
     insert_max_rows: int = 500_000

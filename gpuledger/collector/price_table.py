@@ -73,7 +73,7 @@ class PriceTable:
         table = pa.Table.from_pylist([{**r, "version_ms": now_ms} for r in rows], schema=SCHEMA)
         if table.num_rows:
             self.store.insert_table("prices", table)
-        self.store.command(f"ALTER TABLE {self.store.db}.prices DELETE WHERE version_ms < {{v:Int64}}",
+        self.store.command(f"ALTER TABLE {self.store.local('prices')}{self.store.on_cluster} DELETE WHERE version_ms < {{v:Int64}}",
                            {"v": now_ms}, {"mutations_sync": 1})
         self._digest = digest
         self.writes += 1

@@ -86,6 +86,8 @@ def seal(store: Store, now_us: int, settle_us: int, chunk_hours: int = 24, host_
         params = {"hosts": sorted({h for h, _, _ in chunk}), "lo": lo, "hi": hi,
                   "pairs": [(h, hr) for h, hr, _ in chunk], "version": now_us}
         settings = {**store.report_settings(), "do_not_merge_across_partitions_select_final": 1}
+        if store.opt.cluster:
+            settings["insert_distributed_sync"] = 1
         store.command(f"INSERT INTO {db}.gpu_hours " + GPU_HOURS_SELECT.format(db=db, hour=HOUR_MS), params, settings)
         store.command(f"INSERT INTO {db}.alloc_hours " + ALLOC_HOURS_SELECT.format(db=db, hour=HOUR_MS), params,
                       settings)

@@ -47,7 +47,8 @@ class Collector:
                  server_credentials: grpc.ServerCredentials | None = None, max_streams: int = 10_000,
                  max_streams_per_agent: int = 4, stream_idle_timeout_s: float = 300.0, report_workers: int = 2,
                  backfill_hours: float = 24.0, coverage: reports.CoverageRules | None = None,
-                 seal_interval_s: float = 30.0, seal_settle_s: float = 60.0, validate_workers: int = 4) -> None:
+                 seal_interval_s: float = 30.0, seal_settle_s: float = 60.0, validate_workers: int = 4,
+                 run_sealer: bool = True) -> None:
         self.store = store
         self.pricing = pricing
         self.clock = clock or WallClock()
@@ -60,6 +61,7 @@ class Collector:
         self.ingest = Ingest(self.writer, limits, self.clock, max_batch_bytes, auth, store,
                              backfill_ms=int(backfill_hours * 3_600_000))
         self.sealer = Sealer(store, self.clock, interval_s=seal_interval_s, settle_s=seal_settle_s)
+        self.run_sealer = run_sealer
         # the prices in force per GPU, in the store for SQL readers (Grafana): kept current by the sealer's thread
         from gpuledger.collector.price_table import PriceTable
 
@@ -103,7 +105,8 @@ class Collector:
             self.prices.refresh(self.clock.now_us() // 1000)
         except Exception as e:  # reports do not need it; Grafana's money waits for the next pass
             log.warning("prices table not written at start: %s", e)
-        self.sealer.start()
+        if self.run_sealer:
+            self.sealer.start()
         self._started = True
         return self.port
 

@@ -35,6 +35,7 @@ def build_collector(cfg: CollectorConfig) -> Collector:
                           max_streams=cfg.max_streams, max_streams_per_agent=cfg.max_streams_per_agent,
                           stream_idle_timeout_s=cfg.stream_idle_timeout_s, report_workers=cfg.report_workers,
                           backfill_hours=cfg.backfill_hours, coverage=coverage_rules(cfg),
-                          seal_interval_s=cfg.seal_interval_s, seal_settle_s=cfg.seal_settle_s)
+                          seal_interval_s=cfg.seal_interval_s, seal_settle_s=cfg.seal_settle_s,
+                          run_sealer=cfg.run_sealer)
     collector.security_note = note
     return collector

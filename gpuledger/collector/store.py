@@ -326,13 +326,23 @@ class Store:
         out = [f"CREATE DATABASE IF NOT EXISTS {self.db}{on_cluster}"]
         for name in TABLES:
             out += self._ddl_for(name)
-        # columns added after the first release: existing stores gain them
-        out += [f"ALTER TABLE {self.db}.{'hosts_local' if self.opt.cluster else 'hosts'}{on_cluster} "
-                "ADD COLUMN IF NOT EXISTS instance_id String DEFAULT ''"]
-        for col in ("active_attr_us", "held_attr_us"):
-            out.append(f"ALTER TABLE {self.db}.{'proc_windows_local' if self.opt.cluster else 'proc_windows'}"
-                       f"{on_cluster} ADD COLUMN IF NOT EXISTS {col} {U32}")
+        # columns added after the first release: existing stores gain them (on a cluster, the local tables
+        # and the Distributed tables in front of them)
+        added = [("hosts", "instance_id String DEFAULT ''"), ("proc_windows", f"active_attr_us {U32}"),
+                 ("proc_windows", f"held_attr_us {U32}")]
+        for table, col in added:
+            names = [f"{table}_local", table] if self.opt.cluster else [table]
+            for name in names:
+                out.append(f"ALTER TABLE {self.db}.{name}{on_cluster} ADD COLUMN IF NOT EXISTS {col}")
         return out
+
+    def local(self, table: str) -> str:
+        """The table that holds the rows (on a cluster, the shard-local one), for mutations."""
+        return f"{self.db}.{table}_local" if self.opt.cluster else f"{self.db}.{table}"
+
+    @property
+    def on_cluster(self) -> str:
+        return f" ON CLUSTER '{self.opt.cluster}'" if self.opt.cluster else ""
 
     def create_schema(self) -> None:
         with self._lock:
@@ -348,24 +358,28 @@ class Store:
         leaves no facts without their windows; a retry re-inserts the windows, which the ReplacingMergeTree
         tables count once."""
         t0 = time.perf_counter()
+        # on a cluster, an insert into a Distributed table returns only once every shard has it: an
+        # acknowledgement still means stored
+        settings = {"insert_distributed_sync": 1} if self.opt.cluster else None
         with self._lock:
             try:
                 for name in INSERT_ORDER:
                     t = tables.get(name)
                     if t is not None and t.num_rows:
-                        self.client.insert_arrow(f"{self.db}.{name}", t)
+                        self.client.insert_arrow(f"{self.db}.{name}", t, settings=settings)
                 marks = tables.get("rollup_marks_after")
                 if marks is not None and marks.num_rows:
-                    self.client.insert_arrow(f"{self.db}.rollup_marks", marks)
+                    self.client.insert_arrow(f"{self.db}.rollup_marks", marks, settings=settings)
             except Exception as e:  # clickhouse-connect raises several types; sort them by error code
                 raise StoreError(f"insert failed: {e}", is_retryable(e)) from e
         self.insert_seconds += time.perf_counter() - t0
         self.inserts += 1
 
     def insert_table(self, name: str, table: pa.Table) -> None:
+        settings = {"insert_distributed_sync": 1} if self.opt.cluster else None
         with self._lock:
             try:
-                self.client.insert_arrow(f"{self.db}.{name}", table)
+                self.client.insert_arrow(f"{self.db}.{name}", table, settings=settings)
             except Exception as e:
                 raise StoreError(f"insert into {name} failed: {e}", is_retryable(e)) from e
 

@@ -85,3 +85,30 @@ def test_sample_collector_config_prices_as_shipped():
     cfg = load_collector(ROOT / "systemd" / "collector.toml", env={})
     assert cfg.pricing_file == "" or Path(cfg.pricing_file).is_file()
     assert Pricing.default(cfg.pricing_file or None).sources
+
+
+def test_cluster_ddl_covers_every_table_and_parses(tmp_path):
+    """The server path (ReplicatedMergeTree family + Distributed, ON CLUSTER) for every table, its statements
+    parsed by ClickHouse itself (EXPLAIN AST in chDB: a cluster cannot run here, its SQL can be checked)."""
+    from gpuledger.collector.store import TABLES, Store, StoreOptions
+
+    fake = type("S", (), {"opt": StoreOptions(cluster="gl_cluster", database="gl"), "db": "gl",
+                          "_ddl_for": Store._ddl_for})()
+    ddl = Store.ddl(fake)
+    for name, t in TABLES.items():
+        local = next(s for s in ddl if s.startswith(f"CREATE TABLE IF NOT EXISTS gl.{name}_local "))
+        dist = next(s for s in ddl if s.startswith(f"CREATE TABLE IF NOT EXISTS gl.{name} ON CLUSTER"))
+        assert f"ENGINE = Replicated{t.engine}('/clickhouse/tables/{{shard}}/gl/{name}_local', '{{replica}}'" in local
+        assert (f", {t.version})" in local) if t.version else ("'{replica}')" in local)
+        assert "ON CLUSTER 'gl_cluster'" in local
+        key = "cityHash64(host_id)" if "host_id" in t.columns else "rand()"
+        assert f"ENGINE = Distributed('gl_cluster', 'gl', '{name}_local', {key})" in dist
+    assert "ALTER TABLE gl.proc_windows_local ON CLUSTER 'gl_cluster' ADD COLUMN IF NOT EXISTS held_attr_us" in \
+        " ".join(ddl) and "ALTER TABLE gl.proc_windows ON CLUSTER" in " ".join(ddl)
+    store = Store(f"chdb://{tmp_path / 'chdb'}")
+    try:
+        for stmt in ddl:
+            ast = store.query_rows(f"EXPLAIN AST {stmt}")
+            assert ast, stmt
+    finally:
+        store.close()
