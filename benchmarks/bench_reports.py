@@ -134,9 +134,9 @@ def main() -> int:
     log(f"FINAL on the raw table: {final['bare_final_s']} s vs {final['bare_s']} s without (x{final['final_ratio']})")
 
     # reads never stall writes: insert a further day, alone and while the largest report runs in a loop
+    import numpy as np
     from fleetgen import _host_day
 
-    import numpy as np
     from gpuledger.collector import tables
     from gpuledger.collector.validate import Limits, validate
 
