@@ -43,8 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-N_GPUS, N_WINDOWS, WINDOW_MS = 8, 6, 10_000
-BATCH_MS = N_WINDOWS * WINDOW_MS
+N_GPUS, WINDOW_MS = 8, 10_000
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,7 +54,7 @@ def host_id(agent: int) -> str:
     return f"load-{agent:04d}"
 
 
-def build_batches(agent: int, n_batches: int, base_ms: int) -> list[bytes]:
+def build_batches(agent: int, n_batches: int, base_ms: int, n_windows: int) -> list[bytes]:
     """The agent's batches, encoded by the agent's own encoder; batch k covers minute k after base."""
     import pyarrow as pa
 
@@ -66,6 +65,8 @@ def build_batches(agent: int, n_batches: int, base_ms: int) -> list[bytes]:
     from gpuledger.schema import GPU_WINDOW_SCHEMA, PROC_WINDOW_SCHEMA
 
     rng = np.random.default_rng(agent)
+    N_WINDOWS = n_windows  # noqa: N806
+    BATCH_MS = n_windows * WINDOW_MS  # noqa: N806
     n = N_GPUS * N_WINDOWS
     uuids = [f"GPU-{agent:04d}-{g}" for g in range(N_GPUS)]
     facts = [GpuFacts(u, g, "NVIDIA H100 80GB HBM3 (load)", 80 << 30, "simulated") for g, u in enumerate(uuids)]
@@ -214,7 +215,7 @@ async def run_agent(agent: int, batches: list[bytes], target: str, t0: float, a:
 
 def client_process(agents: list[int], a: dict, base_ms: int, ready, start, results) -> None:
     n_batches = math.ceil(a["seconds"] * a["rate"]) + 1
-    batches = {i: build_batches(i, n_batches, base_ms) for i in agents}
+    batches = {i: build_batches(i, n_batches, base_ms, a["windows"]) for i in agents}
     ready.put(len(agents))
     while start.value == 0:
         time.sleep(0.005)
@@ -277,8 +278,35 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float = 60.0) -
 # ----------------------------------------------------------------------------- main
 
 
+def report_probe(target: str, stop, out: list) -> None:
+    """While the agents send: a report and a health check every few seconds, their latencies recorded."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gpuledger.client import fetch_report
+
+    while not stop.wait(3.0):
+        now = int(time.time() * 1000)
+        t0 = time.perf_counter()
+        try:
+            fetch_report(target, "idle", now - 3 * 86_400_000, now, "host", timeout_s=120)
+            report_s = time.perf_counter() - t0
+        except grpc.RpcError as e:
+            report_s = float("nan")
+            out.append(("report_error", e.code().name))
+        t1 = time.perf_counter()
+        try:
+            with grpc.insecure_channel(target) as ch:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            health_s = time.perf_counter() - t1
+        except grpc.RpcError:
+            health_s = float("nan")
+        out.append((report_s, health_s))
+
+
 def main(agents: int = 500, procs: int = 4, seconds: float = 60.0, rate: float = 0.5, inflight: int = 8,
-         drain_s: float = 20.0, keep: bool = False, max_streams: int = 0) -> dict:
+         drain_s: float = 20.0, keep: bool = False, max_streams: int = 0, windows: int = 6) -> dict:
+    BATCH_MS = windows * WINDOW_MS  # noqa: N806
     tmp = Path(tempfile.mkdtemp(prefix="gl-load-"))
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -291,7 +319,8 @@ def main(agents: int = 500, procs: int = 4, seconds: float = 60.0, rate: float =
     collector = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         wait_serving(target, collector)
-        a = {"target": target, "seconds": seconds, "rate": rate, "inflight": inflight, "drain_s": drain_s}
+        a = {"target": target, "seconds": seconds, "rate": rate, "inflight": inflight, "drain_s": drain_s,
+             "windows": windows}
         ctx = mp.get_context("spawn")
         ready, results = ctx.Queue(), ctx.Queue()
         start = ctx.Value("d", 0.0)
@@ -307,6 +336,15 @@ def main(agents: int = 500, procs: int = 4, seconds: float = 60.0, rate: float =
         cpu0 = proc_cpu_s(collector.pid)
         t0 = time.time() + 1.0
         start.value = t0
+        import threading
+
+        probe_stop, probes = threading.Event(), []
+        probe = threading.Thread(target=report_probe, args=(target, probe_stop, probes), daemon=True)
+        time.sleep(max(0.0, t0 - time.time()))
+        probe.start()
+        time.sleep(seconds)
+        probe_stop.set()
+        probe.join(timeout=180)
         out = [results.get(timeout=seconds + drain_s + 120) for _ in workers]
         for w in workers:
             w.join(timeout=30)
@@ -325,7 +363,7 @@ def main(agents: int = 500, procs: int = 4, seconds: float = 60.0, rate: float =
     stats = [s for r in out for s in r["agents"]]
     client_cpu = sum(r["cpu_s"] for r in out)
     wall = t_end - t0
-    per_batch = N_GPUS * N_WINDOWS
+    per_batch = N_GPUS * windows
 
     from gpuledger.collector.store import Store
 
@@ -366,7 +404,7 @@ def main(agents: int = 500, procs: int = 4, seconds: float = 60.0, rate: float =
     return {
         "bench": "collector_load",
         "agents": agents, "gpus_per_agent": N_GPUS, "windows_per_batch": per_batch, "client_processes": procs,
-        "collector_max_streams": max_streams or "default (1024)",
+        "collector_max_streams": max_streams or "default",
         "send_s": seconds, "batches_per_agent_per_s": rate, "max_inflight": inflight,
         "windows_sent": sent_windows, "windows_acked": acked * per_batch,
         "windows_lost": lost, "acked_but_not_stored": acked_not_stored, "stored_but_never_sent": stored_unsent,
@@ -392,10 +430,20 @@ def main(agents: int = 500, procs: int = 4, seconds: float = 60.0, rate: float =
         "clients_cpu_s": client_cpu,
         "collector_peak_rss_mib": peak_rss / 1024, "collector_idle_rss_mib": rss_idle / 1024,
         "collector_threads_at_end": threads,
+        "report_latency_during_load_s": _pcts([p[0] for p in probes if isinstance(p[0], float)]),
+        "health_latency_during_load_s": _pcts([p[1] for p in probes if isinstance(p[0], float)]),
+        "report_errors_during_load": [p[1] for p in probes if p[0] == "report_error"][:5],
         "errors": errors[:5],
         **({"data_dir": str(tmp)} if keep else {}),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
+
+
+def _pcts(xs: list[float]) -> dict:
+    a = np.array([x for x in xs if x == x])
+    if not a.size:
+        return {"n": 0}
+    return {"n": int(a.size), "p50": round(float(np.percentile(a, 50)), 3), "max": round(float(a.max()), 3)}
 
 
 if __name__ == "__main__":
@@ -408,8 +456,9 @@ if __name__ == "__main__":
     p.add_argument("--drain-s", type=float, default=20.0, help="time to wait for outstanding acks after sending")
     p.add_argument("--keep", action="store_true", help="keep the data dir (printed as data_dir)")
     p.add_argument("--collector-max-streams", type=int, default=0,
-                   help="collector.max_streams for this run (default: the collector's own, 1024); an agent "
-                        "stream holds a server thread for its whole life, so fewer streams than agents starve some")
+                   help="collector.max_streams for this run (default: the collector's own)")
+    p.add_argument("--windows", type=int, default=6, help="windows per GPU per batch (1 with the agent's default "
+                                                          "10 s flush, at --rate 0.1)")
     args = p.parse_args()
     print(json.dumps(main(args.agents, args.procs, args.seconds, args.rate, args.inflight, args.drain_s, args.keep,
-                          args.collector_max_streams)))
+                          args.collector_max_streams, args.windows)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ["bench_kernels.py", "bench_ingest.py", "bench_storage.py", "bench_agent_overhead.py",
-           "bench_load.py", "bench_aliasing.py"]
+           "bench_load.py", "bench_aliasing.py", "bench_reports.py"]
 
 
 def main() -> int:

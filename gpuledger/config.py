@@ -121,7 +121,7 @@ class CollectorConfig:
     store: str = ""  # DSN; empty: chdb://<data_dir>/chdb
     database: str = "gpuledger"
     cluster: str = ""  # ClickHouse cluster name for ON CLUSTER DDL (server mode)
-    ttl_days: int = 0  # 0: keep forever
+    ttl_days: int = 0  # retention of every time series (windows, their rollups, sessions, processes); 0: keep
     partition_by: str = "month"  # month | week | day (window tables; fixed when the tables are created)
     pricing_file: str = ""  # TOML overrides of the shipped catalog
     max_batch_bytes: int = 16 << 20

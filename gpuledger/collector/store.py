@@ -110,7 +110,7 @@ class Table:
     version: str = ""  # version column of a ReplacingMergeTree
     partition: str = ""  # expression; {fn} is replaced by the partition function
     ttl_column: str = ""  # ms column the retention applies to
-    ttl: str = ""  # "windows" (collector.ttl_days) or "batches" (batch_log_days)
+    ttl: str = ""  # "windows" (collector.ttl_days: every time series, rollups with their windows) or "batches"
 
 
 TABLES: dict[str, Table] = {
@@ -127,7 +127,7 @@ TABLES: dict[str, Table] = {
     "processes": Table("""
         host_id LowCardinality(String), pid UInt32, start_ms Int64, command String,
         container_id String, pod_uid String, tags Map(LowCardinality(String), String), last_seen_ms Int64
-    """, "ReplacingMergeTree", "(host_id, pid, start_ms)", "last_seen_ms"),
+    """, "ReplacingMergeTree", "(host_id, pid, start_ms)", "last_seen_ms", ttl_column="last_seen_ms", ttl="windows"),
     "hosts": Table("""
         host_id String, hostname String, provider LowCardinality(String), region LowCardinality(String),
         instance_type LowCardinality(String), gpu_count UInt32, tags Map(LowCardinality(String), String),
@@ -143,29 +143,31 @@ TABLES: dict[str, Table] = {
         gpu_uuid LowCardinality(String), window_ms UInt32,
         first_window_ms {_MIN}, last_end_ms {_MAX}, declared_first_ms {_MIN},
         stopped_ms {_MAX}, received_ms {_MAX}
-    """, "AggregatingMergeTree", "(host_id, agent_epoch, session_start_ms, gpu_uuid, window_ms)"),
+    """, "AggregatingMergeTree", "(host_id, agent_epoch, session_start_ms, gpu_uuid, window_ms)",
+                      ttl_column="received_ms", ttl="windows"),
     "host_contact": Table(f"""
         host_id LowCardinality(String), first_received_ms {_MIN}, last_received_ms {_MAX},
         first_window_ms {_MIN}, dropped_windows SimpleAggregateFunction(max, UInt64)
     """, "AggregatingMergeTree", "host_id"),
     "host_events": Table("""
         host_id String, kind LowCardinality(String), at_ms Int64, recorded_ms Int64, note String
-    """, "ReplacingMergeTree", "(host_id, kind, at_ms)", "recorded_ms"),
+    """, "ReplacingMergeTree", "(host_id, kind, at_ms)", "recorded_ms", ttl_column="at_ms", ttl="windows"),
     "gpu_hours": Table(f"""
         host_id {LC}, hour_ms Int64, gpu_uuid {LC},
         busy_ms UInt64, idle_held_ms UInt64, idle_free_ms UInt64, unmonitored_ms UInt64, window_ms UInt64,
         windows UInt32, energy_mj UInt64, power_mw_ms UInt64, power_max_mw UInt32, mem_used_max_bytes UInt64,
         temp_max_c UInt8, gpm_covered_ms UInt64, sm_active_ms UInt64, tensor_active_ms UInt64,
         dram_active_ms UInt64, built_us Int64
-    """, "ReplacingMergeTree", "(host_id, hour_ms, gpu_uuid)", "built_us"),
+    """, "ReplacingMergeTree", "(host_id, hour_ms, gpu_uuid)", "built_us", ttl_column="hour_ms", ttl="windows"),
     "alloc_hours": Table(f"""
         host_id {LC}, hour_ms Int64, gpu_uuid {LC}, pid UInt32, proc_start_ms Int64,
         active_attr_us UInt64, held_attr_us UInt64, busy_ms UInt64, held_ms UInt64, built_us Int64
-    """, "ReplacingMergeTree", "(host_id, hour_ms, gpu_uuid, pid, proc_start_ms)", "built_us"),
+    """, "ReplacingMergeTree", "(host_id, hour_ms, gpu_uuid, pid, proc_start_ms)", "built_us", ttl_column="hour_ms",
+                         ttl="windows"),
     "rollup_marks": Table(f"host_id LowCardinality(String), hour_ms Int64, mark_us {_MAX}",
-                          "AggregatingMergeTree", "(host_id, hour_ms)"),
+                          "AggregatingMergeTree", "(host_id, hour_ms)", ttl_column="hour_ms", ttl="windows"),
     "rollup_built": Table(f"host_id LowCardinality(String), hour_ms Int64, built_us {_MAX}",
-                          "AggregatingMergeTree", "(host_id, hour_ms)"),
+                          "AggregatingMergeTree", "(host_id, hour_ms)", ttl_column="hour_ms", ttl="windows"),
     # the price in force per GPU and price segment, for SQL readers (price_table.py writes it)
     "prices": Table("""
         host_id String, gpu_uuid String, from_ms Int64, until_ms Int64, per_gpu_hour Float64,
@@ -310,7 +312,7 @@ class Store:
         if t.partition:
             parts.append(f"PARTITION BY {t.partition.format(fn=PARTITION_FUNCTIONS[self.opt.partition_by])}")
         parts.append(f"ORDER BY {t.order_by}")
-        days = self.opt.ttl_days if t.ttl == "windows" else self.opt.batch_log_days if t.ttl == "batches" else 0
+        days = {"windows": self.opt.ttl_days, "batches": self.opt.batch_log_days}.get(t.ttl, 0)
         if days:
             parts.append(f"TTL toDateTime(intDiv({t.ttl_column}, 1000)) + INTERVAL {int(days)} DAY")
         stmts = [" ".join(parts)]

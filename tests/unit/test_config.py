@@ -112,3 +112,21 @@ def test_cluster_ddl_covers_every_table_and_parses(tmp_path):
             assert ast, stmt
     finally:
         store.close()
+
+
+def test_every_growing_table_has_a_retention():
+    """Every time series (windows, their rollups, sessions, processes, host events) follows collector.ttl_days, so
+    rollups expire with the windows they sum; the batch log batch_log_days; only the facts with one row per host
+    or GPU (and the prices in force) have none."""
+    from gpuledger.collector.store import TABLES, Store, StoreOptions
+
+    fake = type("S", (), {"opt": StoreOptions(ttl_days=90, batch_log_days=30), "db": "g",
+                          "_ddl_for": Store._ddl_for})()
+    kept = {"hosts", "gpus", "host_contact", "prices"}
+    for name in TABLES:
+        stmt = Store._ddl_for(fake, name)[0]
+        if name in kept:
+            assert " TTL " not in stmt, name
+        else:
+            days = 30 if name == "agent_batches" else 90
+            assert f"+ INTERVAL {days} DAY" in stmt, name
