@@ -98,7 +98,6 @@ class Ingest:
         self.store = store if store is not None else getattr(writer, "store", None)  # None: no stored state
         self.backfill_ms = backfill_ms
         self.stats = IngestStats()
-        self.last_batch_ms: dict[str, int] = {}  # host -> collector time of its latest stored batch
         self._hosts: dict[str, _HostState] = {}
         self._hosts_lock = threading.Lock()
 
@@ -260,14 +259,12 @@ class Ingest:
         note = "; ".join(valid.warnings)
         if note:
             log.warning("batch seq=%d of host %s stored with a bound: %s", seq, clip(batch.host.host_id), note)
-        host_id = batch.host.host_id
 
         def finish(f: futures.Future) -> None:
             exc = f.exception()
             if exc is None:
                 self.stats.batches += 1
                 self.stats.windows += f.result()
-                self.last_batch_ms[host_id] = self.clock.now_us() // 1000
                 done.set_result(self.ack(seq, OK, note, stored=f.result()))
             else:
                 retryable = getattr(exc, "retryable", True)
