@@ -22,6 +22,9 @@ app.command()(collector_cli.pricing)
 export_app = typer.Typer(help="Export cost and usage for other tools.", no_args_is_help=True)
 export_app.command("focus")(collector_cli.export_focus)
 app.add_typer(export_app, name="export")
+from gpuledger.collector import cli_workflow  # noqa: E402
+
+cli_workflow.register(app)  # endpoints, inference-model, runs, estimate, alerts
 
 
 @app.callback()

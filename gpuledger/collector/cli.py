@@ -47,7 +47,7 @@ def serve(
 
     try:
         cfg = load_collector(config, listen=listen, data_dir=data_dir, store=store, insecure=insecure or None)
-        collector = build_collector(cfg)
+        collector = build_collector(cfg, config)
     except (ConfigError, ValueError, OSError) as e:
         typer.echo(f"gpuledger collector: {e}", err=True)
         raise typer.Exit(2) from e

@@ -83,6 +83,7 @@ class Collector:
         self._thread: threading.Thread | None = None
         self._started = False
         self._stopped = False
+        self.jobs = None  # alerting.Jobs (alert rules, tracker sync): started and stopped with the collector
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> int:
@@ -95,6 +96,8 @@ class Collector:
         self.port = ready.result(timeout=60)
         self.writer.start()
         self.sealer.start()
+        if self.jobs is not None:
+            self.jobs.start()
         self._started = True
         return self.port
 
@@ -176,6 +179,8 @@ class Collector:
         try:
             self._call(shutdown(), timeout=grace_s + 30)
         finally:
+            if self.jobs is not None:
+                self.jobs.close()
             self.sealer.close()
             self.writer.close()
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -166,6 +166,12 @@ TABLES: dict[str, Table] = {
                           "AggregatingMergeTree", "(host_id, hour_ms)"),
     "rollup_built": Table(f"host_id LowCardinality(String), hour_ms Int64, built_us {_MAX}",
                           "AggregatingMergeTree", "(host_id, hour_ms)"),
+    # alert states written by the collector's alert job (alerting.py), read by the "alerts" report
+    "alerts": Table("""
+        alertname LowCardinality(String), alert_key String, labels Map(String, String),
+        state LowCardinality(String), active_since_ms Int64, updated_ms Int64, value String, summary String,
+        description String
+    """, "ReplacingMergeTree", "(alertname, alert_key, active_since_ms)", "updated_ms"),
     "agent_batches": Table("""
         agent_id LowCardinality(String), host_id LowCardinality(String), agent_epoch UInt64, seq UInt64,
         received_ms Int64, windows UInt32, proc_windows UInt32, dropped_windows UInt64
