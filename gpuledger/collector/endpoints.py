@@ -350,7 +350,8 @@ def replay_scale_to_zero(starts_ms: np.ndarray, window_ms: int, busy: np.ndarray
     prev = np.concatenate(([since_ms], last[:-1]))
     asleep = starts >= prev + idle_ms
     down = asleep & ~busy
-    return float(np.asarray(cost)[down].sum()), down, int((asleep & busy).sum())
+    cold = asleep & busy & (starts > prev)  # a busy window right after a busy one is no cold start
+    return float(np.asarray(cost)[down].sum()), down, int(cold.sum())
 
 
 # ----------------------------------------------------------------------------- the report
