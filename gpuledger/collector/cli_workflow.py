@@ -62,6 +62,12 @@ def endpoints(
       gpuledger endpoints --since 30d --idle-minutes 30 --office-hours 07:00-19:00 --timezone Europe/Berlin
       gpuledger endpoints --endpoint chat-dev --format json
     """
+    from gpuledger.collector.endpoints import EndpointError, Schedule
+
+    try:  # bad input is named here, before the collector is asked
+        Schedule.parse(office_hours, office_days, timezone)
+    except EndpointError as e:
+        _fail("endpoints", str(e))
     filters = {"idle_minutes": str(idle_minutes), "office_hours": office_hours, "office_days": office_days,
                "timezone": timezone}
     if endpoint:

@@ -15,7 +15,7 @@ import pytest
 
 from gpuledger.agent.runtime import Agent, encode_batch, endpoint_part, gpu_infos, host_facts
 from gpuledger.agent.shipper import Shipper
-from gpuledger.agent.simulate import SimGpu, SimulatedSource, Traffic
+from gpuledger.agent.simulate import SimGpu, SimulatedSource
 from gpuledger.agent.source import GpuFacts, ProcessIdentity
 from gpuledger.agent.spool import Spool
 from gpuledger.agent.windows import Closed
@@ -179,6 +179,42 @@ def test_endpoints_and_inference_model_match_the_simulators_ground_truth(collect
     assert rows["chat-dev"]["cold_starts"] == 1 and rows["chat-dev"]["scale_to_zero_down_hours"] == pytest.approx(1.75)
     assert rows["chat-dev"]["scale_to_zero_saving"] == pytest.approx(1.75 * 0.8048, rel=1e-6)  # g6.xlarge, 1 L4
     check_inference_model(c, fleet)
+    check_cli(c, fleet)
+
+
+def check_cli(c, fleet):
+    from datetime import UTC, datetime
+
+    from typer.testing import CliRunner
+
+    from gpuledger.cli import app
+
+    def iso(us):
+        return datetime.fromtimestamp(us / 1e6, UTC).isoformat()
+
+    window = ["--collector", c.address, "--since", iso(fleet.start_us), "--until", iso(fleet.end_us)]
+    res = CliRunner().invoke(app, ["endpoints", *window])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[0].split()[:4] == ["endpoint", "phase", "up_hours", "serving_hours"]
+    assert "! chat-dev: always_on_dev: development endpoint up 24.0 h/day" in res.stdout
+    res = CliRunner().invoke(app, ["inference-model", "--endpoint", "chat", "--target-rps", "25", *window])
+    assert res.exit_code == 0, res.output
+    assert "rests on: capacity" in res.stdout and "2.5 h of scraped counters" in res.stdout
+    assert "GPUs needed:" in res.stdout and "g6e.xlarge" in res.stdout
+    res = CliRunner().invoke(app, ["inference-model", "--endpoint", "chat", *window])
+    assert res.exit_code == 2 and "exactly one of --target-rps and --requests-per-day" in res.output
+    res = CliRunner().invoke(app, ["endpoints", "--timezone", "Nowhere/Atlantis", *window])
+    assert res.exit_code == 2 and "timezone: 'Nowhere/Atlantis' is not a time zone name" in res.output
+
+
+def test_every_new_command_has_help_with_examples():
+    from typer.testing import CliRunner
+
+    from gpuledger.cli import app
+
+    for cmd in ("endpoints", "inference-model", "runs", "estimate", "alerts"):
+        res = CliRunner().invoke(app, [cmd, "--help"])
+        assert res.exit_code == 0 and "Examples" in res.output, cmd
 
 
 def check_inference_model(c, fleet):
