@@ -232,6 +232,7 @@ class Agent:
         self._scrape_thread: threading.Thread | None = None
         self._scrape_stop = threading.Event()
         self.scrape_failures = 0  # scrape loop iterations that raised (a bug, not a failed scrape)
+        self._ep_window = -1  # the window index of the last close_windows call
         if cfg.endpoints:
             from gpuledger.agent.scrape import EndpointScraper
 
@@ -278,7 +279,10 @@ class Agent:
             return
         now_us = self.clock.now_us() if now_us is None else now_us
         self.scraper.poll(now_us)
-        self._queue_endpoint(self.scraper.close_windows(now_us))
+        window = now_us // self.scraper.window_us
+        if window != self._ep_window:  # windows close only at a boundary: skip the empty tables between
+            self._ep_window = window
+            self._queue_endpoint(self.scraper.close_windows(now_us))
 
     def _queue_endpoint(self, table: pa.Table) -> None:
         if table.num_rows:
