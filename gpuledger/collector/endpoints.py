@@ -262,12 +262,14 @@ def cost_by_endpoint_host(store: Store, pricing: Pricing, since: int, until: int
 
 
 def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: int,
-              rules: CoverageRules = CoverageRules(), opts: Options = Options()) -> dict[str, Timeline]:
-    """Every endpoint seen in the range (by counters or by processes), as a Timeline."""
+              rules: CoverageRules = CoverageRules(), opts: Options = Options(),
+              with_cost: bool = True) -> dict[str, Timeline]:
+    """Every endpoint seen in the range (by counters or by processes), as a Timeline; without
+    `with_cost` no allocation is run (cost arrays 0, tally None: what the alert facts need)."""
     until = min(until, now_ms)
     ew = _endpoint_rows(store, since, until, opts.endpoint)
     hw = _held_rows(store, since, until, opts.endpoint)
-    tallies = cost_by_endpoint_host(store, pricing, since, until, now_ms, rules)
+    tallies = cost_by_endpoint_host(store, pricing, since, until, now_ms, rules) if with_cost else {}
     phases = _phases(store, since)
     names = sorted(set(_strings(ew, "endpoint")) | set(_strings(hw, "ep"))
                    | {e for e, _ in tallies if not opts.endpoint or e == opts.endpoint})
@@ -595,7 +597,7 @@ def idle_share_facts(store: Store, pricing: Pricing, now_ms: int, rules: Coverag
     from gpuledger.collector.alerts import Fact
 
     out = []
-    for t in timelines(store, pricing, now_ms - day_ms, now_ms, now_ms, rules).values():
+    for t in timelines(store, pricing, now_ms - day_ms, now_ms, now_ms, rules, with_cost=False).values():
         up = t.hours(t.up)
         if up <= 0:
             continue

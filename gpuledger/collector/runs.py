@@ -73,9 +73,9 @@ def run_meta(store: Store, seen_since_ms: int = 0, experiment: str = "", run: st
             for r in rows}
 
 
-def price_sources(store: Store, pricing: Pricing, hosts, at_ms: int) -> str:
-    """Where the price of these hosts' GPUs comes from (the catalog, an override, a bill)."""
-    recs = allocation.load_hosts(store)
+def price_sources(recs: dict, pricing: Pricing, hosts, at_ms: int) -> str:
+    """Where the price of these hosts' GPUs comes from (the catalog, an override, a bill); `recs`:
+    allocation.load_hosts(store)."""
     out = []
     for h in sorted(hosts):
         rec = recs.get(h)
@@ -159,11 +159,12 @@ class RunCostSync:
         since = max(since, now_ms - 400 * 86_400_000)  # a process 'started' decades ago prices its run from here
         rows = {r["run"]: r for r in cost_rows(self.store, self.pricing, since, now_ms, "run", {}, now_ms, self.rules)}
         written = 0
+        recs = allocation.load_hosts(self.store)
         for run, m in sorted(meta.items()):
             row = rows.get(run)
             if row is None:
                 continue
-            cost = cost_fields(row, price_sources(self.store, self.pricing, m.hosts, now_ms))
+            cost = cost_fields(row, price_sources(recs, self.pricing, m.hosts, now_ms))
             if cost is None:
                 self.stats.unpriced += 1
                 continue

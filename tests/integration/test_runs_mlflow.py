@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from gpuledger.cli import app
 from gpuledger.client import fetch_report
+from gpuledger.collector.alerting import build_jobs
 from gpuledger.collector.runs import RunCostSync, cost_per_successful_deployment
-from gpuledger.config import MlflowConfig
+from gpuledger.config import CollectorConfig, MlflowConfig
 from gpuledger.demo_workflow import (
     create_mlflow_runs,
     finish_mlflow_runs,
@@ -46,7 +47,12 @@ def test_run_cost_on_mlflow_equals_cost_by_run_to_the_cent(collector, tmp_path, 
     ids = [r.run_id for _, r in runs]
     assert set(ids) <= set(by_run)
 
-    sync = RunCostSync(collector.store, collector.pricing, collector.rules, mlflow=client, final_after_s=600)
+    # the collector's job, built from its config as `collector serve` builds it
+    cfg = CollectorConfig(tracker_sync_s=300).validate()
+    jobs, parts = build_jobs(collector.store, collector.pricing, collector.rules, cfg, collector.clock,
+                             mlflow_cfg=MlflowConfig(tracking_uri=mlflow_server.url), env=mlflow_server.env())
+    sync = parts["tracker_sync"]
+    assert [j.name for j in jobs.jobs] == ["tracker_sync"] and sync.final_after_ms == 600_000
     now_ms = int(time.time() * 1000)
     assert sync.sync(now_ms) == len(runs)
     for rid in ids:
@@ -121,3 +127,21 @@ def _iso(ms: int) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def test_workflow_demo_writes_cost_onto_a_local_mlflow(collector, tmp_path, monkeypatch):
+    from gpuledger.demo_workflow import workflow_demo
+    from tests.integration.mlflow_server import mlflow_command
+
+    cmd = mlflow_command()
+    if cmd is None or len(cmd) != 1:
+        pytest.skip("mlflow is not installed as an executable (set GPULEDGER_TEST_MLFLOW to it)")
+    monkeypatch.setenv("GPULEDGER_MLFLOW", cmd[0])
+    lines: list[str] = []
+    fleet = workflow_demo(collector, tmp_path, 1.0, seed=3, start_us=past_start(10, 2.0), mlflow=True,
+                          echo=lines.append, scrape="direct")
+    text = "\n".join(lines)
+    assert "MLflow on http://127.0.0.1:" in text and "cost written onto" in text
+    assert f"cost written onto {len(fleet.runs)} MLflow runs" in text
+    assert "Inference endpoints (gpuledger endpoints):" in text and "chat-dev" in text
+    assert "Runs of sim-finetune (gpuledger runs):" in text
