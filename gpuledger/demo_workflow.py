@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -125,24 +126,27 @@ def run_workflow_fleet(collector_address: str, spool_root: Path, hours: float, *
                        seed: int = 7, runs: list[tuple[PlannedRun, SimRun]] | None = None, window_s: float = 10.0,
                        flush_s: float = 300.0, scrape: str = "http", token: str | None = None,
                        progress: Callable[[float], None] | None = None, drain_timeout_s: float = 300.0,
-                       hosts: list[SimHost] | None = None) -> WorkflowFleet:
-    """Drive the workflow hosts for `hours` of simulated time on one clock, a step per window (so each
-    scrape falls on a window boundary), through real agents, spools and gRPC streams; wait for every
-    acknowledgement. `runs`: (plan, SimRun) pairs; default: `plan_runs` with synthetic run ids."""
+                       hosts: list[SimHost] | None = None, gpu_tick_s: float = 60.0) -> WorkflowFleet:
+    """Drive the workflow hosts for `hours` of simulated time, one thread and clock per host, through
+    real agents, spools and gRPC streams; wait for every acknowledgement. The endpoints are scraped at
+    every window boundary (so each window's counters are exactly its own), the GPUs polled every
+    `gpu_tick_s` (a multiple of the window). `runs`: (plan, SimRun) pairs; default: `plan_runs` with
+    synthetic run ids."""
     if scrape not in ("http", "direct"):
         raise ValueError(f"scrape: must be http or direct, got {scrape!r}")
     w_us = int(window_s * 1e6)
+    per_step = max(1, int(round(gpu_tick_s / window_s)))
     if start_us is None:
         start_us = (WallClock().now_us() - int(hours * 3600e6)) // w_us * w_us
     end_us = start_us + int(hours * 3600e6)
     if runs is None:
         runs = [(p, SimRun(synthetic_run_id(p.name, seed), p.start_s, p.end_s, "0")) for p in plan_runs(hours, seed)]
     hosts = hosts if hosts is not None else workflow_hosts(runs)
-    clock = SimClock(start_us)
-    agents, sources, shippers, servers = [], [], [], []
+    agents, sources, shippers, servers, clocks = [], [], [], [], []
     t0 = time.perf_counter()
     try:
         for h in hosts:
+            clock = SimClock(start_us)  # the host's own clock: its simulated servers answer on it
             src = SimulatedSource(h.host_id, h.gpu_model, list(h.gpus), start_us, seed=seed)
             http_get = None
             if src.endpoints and scrape == "http":
@@ -160,17 +164,34 @@ def run_workflow_fleet(collector_address: str, spool_root: Path, hours: float, *
             agents.append(Agent(cfg, src, clock, spool, start_us=start_us, http_get=http_get))
             shippers.append(Shipper(collector_address, spool, token=token, max_inflight=4).start())
             sources.append(src)
-        for a in agents:  # the first scrape at the start: the counters' baseline
-            a.step()
+            clocks.append(clock)
         steps = int((end_us - start_us) // w_us)
-        for i in range(steps):
-            clock.advance(window_s)
-            for a in agents:
-                a.step()
-            if progress and i % 360 == 0:
-                progress(i / steps)
-        for a in agents:
-            a.close()
+        done = [0] * len(agents)
+        errors: list[BaseException] = []
+
+        def drive(i: int) -> None:
+            try:
+                agents[i].step()  # the first scrape at the start: the counters' baseline
+                for k in range(steps):
+                    clocks[i].advance(window_s)
+                    if (k + 1) % per_step == 0 or k + 1 == steps:
+                        agents[i].step()  # polls the GPUs, folds their windows, scrapes
+                    else:
+                        agents[i].scrape()
+                    done[i] = k + 1
+                agents[i].close()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                errors.append(e)
+
+        threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in range(len(agents))]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            if progress:
+                progress(sum(done) / max(1, steps * len(agents)))
+            time.sleep(0.1)
+        if errors:
+            raise errors[0]
         if progress:
             progress(1.0)
         for sh in shippers:
@@ -309,10 +330,24 @@ def workflow_demo(collector, root: Path, hours: float, *, seed: int = 7, start_u
         for r in table.to_pylist():
             if r["flag"]:
                 echo(f"  ! {r['endpoint']}: {r['flag']}")
-        table, _ = fetch_report(collector.address, "runs", since, until, "", {"experiment": exp_id} if mlflow else {})
-        echo(f"\nRuns of {EXPERIMENT} (gpuledger runs):")
-        echo(render(table.to_pylist(), "table", ["run", "experiment", "gpu_hours", "active_hours", "idle_held_hours",
-                                                 "cost", "idle_share", "currency"]))
+        table, _ = fetch_report(collector.address, "runs", since, until, "", {"experiment": exp_id})
+        rows = table.to_pylist()
+        outcome = {r.run_id: p.outcome for p, r in fleet.runs}
+        for r in rows:
+            r["status"] = outcome.get(r["run"], "")
+        echo(f"\nRuns of {EXPERIMENT}, the 10 most expensive (gpuledger runs --experiment {EXPERIMENT}):")
+        echo(render(rows[:10], "table", ["run", "status", "gpu_hours", "active_hours", "idle_held_hours", "cost",
+                                         "idle_share", "currency"]))
+        failed = sum(r["cost"] or 0.0 for r in rows if r["status"] == "FAILED")
+        total = sum(r["cost"] or 0.0 for r in rows)
+        echo(f"{len(rows)} runs, {total:,.2f} USD in all; {failed:,.2f} USD on runs that failed")
+        if client is not None:
+            from gpuledger.collector.runs import cost_per_successful_deployment
+            from gpuledger.config import MlflowConfig
+
+            value, reason = cost_per_successful_deployment(collector.store, collector.pricing, since, until, now_ms,
+                                                           MlflowConfig(tracking_uri=client.base), client=client)
+            echo(f"cost per successful deployment: {'-' if value is None else f'{value:,.2f} USD'} ({reason})")
         return fleet
     finally:
         if proc is not None:

@@ -143,14 +143,14 @@ def inference_model(
     typer.echo(f"\nprices: {reply.pricing_source}", err=True)
 
 
-def _mlflow(config: str | None, tracking_uri: str | None):
+def _mlflow(cmd: str, config: str | None, tracking_uri: str | None):
     from gpuledger.config import load_mlflow
     from gpuledger.integrations.mlflow import MlflowClient
 
     try:
         cfg = load_mlflow(config, tracking_uri=tracking_uri)
     except ConfigError as e:
-        _fail("runs", str(e))
+        _fail(cmd, str(e))
     if not cfg.tracking_uri:
         return cfg, None
     return cfg, MlflowClient.from_env(cfg.tracking_uri, timeout_s=cfg.timeout_s)
@@ -190,7 +190,7 @@ def runs(
         _fail("runs", "give --experiment X or --successful")
     from gpuledger.integrations.mlflow import MlflowError
 
-    mcfg, client = _mlflow(config, tracking_uri)
+    mcfg, client = _mlflow("runs", config, tracking_uri)
     if successful:
         if client is None:
             _fail("runs", "--successful needs MLflow: set [mlflow] tracking_uri or MLFLOW_TRACKING_URI")
@@ -301,7 +301,7 @@ def estimate(
         filters["team"] = team
     mcfg, client = (None, None)
     if mlflow_experiment or (like and not filters["like_experiment"].isdigit()):
-        mcfg, client = _mlflow(config, None)
+        mcfg, client = _mlflow("estimate", config, None)
     if "like_experiment" in filters and client is not None and not filters["like_experiment"].isdigit():
         from gpuledger.integrations.mlflow import MlflowError
 

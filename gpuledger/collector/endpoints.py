@@ -496,7 +496,7 @@ def inference_model(store: Store, pricing: Pricing, since: int, until: int, filt
     if not name:
         raise EndpointError("endpoint: required (the endpoint whose measurements size the target)")
 
-    def num(key: str, default: float | None, lo: float = 0.0, hi: float = math.inf) -> float | None:
+    def num(key: str, default: float | None, hi: float = math.inf, zero: bool = False) -> float | None:
         v = filters.get(key, "")
         if v == "":
             return default
@@ -504,15 +504,16 @@ def inference_model(store: Store, pricing: Pricing, since: int, until: int, filt
             x = float(v)
         except ValueError:
             raise EndpointError(f"{key}: {v!r} is not a number") from None
-        if not (lo < x <= hi) and not (lo == 0 and x == 0):
-            raise EndpointError(f"{key}: {x:g} must be > {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else ""))
+        if not (0 < x <= hi or (zero and x == 0)) or math.isnan(x):
+            raise EndpointError(f"{key}: {x:g} must be {'>=' if zero else '>'} 0"
+                                + (f" and <= {hi:g}" if hi < math.inf else ""))
         return x
 
     rps = num("target_rps", None)
     per_day = num("requests_per_day", None)
     tpr = num("tokens_per_request", None)
-    headroom = num("headroom", 0.3, 0.0, 0.95)
-    idle_min = num("idle_minutes", 15.0)
+    headroom = num("headroom", 0.3, 0.95, zero=True)
+    idle_min = num("idle_minutes", 15.0, zero=True)
     if (rps is None) == (per_day is None):
         raise EndpointError("give exactly one of target_rps and requests_per_day")
     opts = Options(endpoint=name)

@@ -258,13 +258,15 @@ def cost_per_successful_deployment(store: Store, pricing: Pricing, since: int, u
         return None, f"MLflow: {e}"
     if client is None:
         return None, "MLflow is not configured ([mlflow] tracking_uri or MLFLOW_TRACKING_URI)"
+    aliases = getattr(mlflow_cfg, "deploy_aliases", ("production", "champion"))
+    stages = getattr(mlflow_cfg, "deploy_stages", ("Production",))
     try:
-        basis = client.deployment_cost_basis(mlflow_cfg.deploy_aliases, mlflow_cfg.deploy_stages)
+        basis = client.deployment_cost_basis(aliases, stages)
     except (MlflowError, OSError) as e:
         return None, f"MLflow at {client.base}: {e}"
     if not basis.deployments:
-        return None, (f"no deployed model version in the MLflow registry (aliases "
-                      f"{', '.join(mlflow_cfg.deploy_aliases)}; stages {', '.join(mlflow_cfg.deploy_stages)})")
+        return None, (f"no deployed model version in the MLflow registry (aliases {', '.join(aliases)}; "
+                      f"stages {', '.join(stages)})")
     res = cost_per_deployment(basis, cost_by_run(store, pricing, since, until, now_ms, rules))
     cur = "USD"
     return res["cost_per_deployment"], (

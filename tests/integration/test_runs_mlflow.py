@@ -144,4 +144,5 @@ def test_workflow_demo_writes_cost_onto_a_local_mlflow(collector, tmp_path, monk
     assert "MLflow on http://127.0.0.1:" in text and "cost written onto" in text
     assert f"cost written onto {len(fleet.runs)} MLflow runs" in text
     assert "Inference endpoints (gpuledger endpoints):" in text and "chat-dev" in text
-    assert "Runs of sim-finetune (gpuledger runs):" in text
+    assert "Runs of sim-finetune, the 10 most expensive" in text and f"{len(fleet.runs)} runs, " in text
+    assert "cost per successful deployment: " in text and "/ 1 deployment(s)" in text
