@@ -323,10 +323,15 @@ class Agent:
                 delay = 0
             self._scrape_stop.wait(delay)
 
-    def _stop_scraping(self) -> None:
+    def _stop_scraping(self) -> bool:
+        """Stop the scrape thread; False if it is still inside a scrape (the scraper is then left alone)."""
         if self._scrape_thread is not None:
             self._scrape_stop.set()
             self._scrape_thread.join(timeout=max(5.0, 2 * max((e.timeout_s for e in self.cfg.endpoints), default=0)))
+            if self._scrape_thread.is_alive():
+                log.warning("endpoint scrape thread did not stop: the open endpoint windows are not closed")
+                return False
+        return True
 
     def flush(self, now_us: int | None = None) -> int | None:
         """Encode pending closed windows into one batch and append it to the spool."""
@@ -367,7 +372,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
-        self._stop_scraping()
+        scraper_free = self._stop_scraping()
         now_us = self.clock.now_us()
         try:
             self.windower.add(self.source.poll(now_us))
@@ -379,7 +384,7 @@ class Agent:
             self.windows_sampled += closed.n_windows
             self.last_closed = closed
             self._closed_hook(closed)
-        if self.scraper is not None:
+        if self.scraper is not None and scraper_free:
             try:
                 self.scraper.poll(now_us)
             except Exception as e:
