@@ -30,6 +30,9 @@ export_app = typer.Typer(help="Export cost and usage for other tools.", no_args_
 command(export_app, collector_cli.export_focus, "focus")
 app.add_typer(export_app, name="export")
 app.add_typer(cli_report.app, name="report")
+from gpuledger.collector import cli_workflow  # noqa: E402
+
+cli_workflow.register(app)  # endpoints, inference-model, runs, estimate, alerts
 
 DEMO_MARKER = ".gpuledger-demo"  # written into a demo's data directory: only such a directory is emptied
 

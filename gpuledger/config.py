@@ -160,6 +160,14 @@ class CollectorConfig:
     alert_repeat_s: float = 4 * 3600.0  # a firing alert is sent again only after this long
     alert_generator_url: str = ""  # generatorURL of every alert (e.g. a dashboard); empty: none
     alert_timeout_s: float = 5.0
+    alert_interval_s: float = 60.0  # how often the alert rules are evaluated
+    # Run cost written onto tracker runs: MLflow when [mlflow] tracking_uri (or MLFLOW_TRACKING_URI) is set,
+    # W&B when wandb_sync is true (needs the wandb package and its API key).
+    tracker_sync_s: float = 300.0  # how often; 0: never
+    tracker_lookback_s: float = 2 * 86_400.0  # runs whose processes were seen this recently are (re)priced
+    tracker_final_after_s: float = 600.0  # a run ended this long ago (and quiet as long) gets its final cost
+    wandb_sync: bool = False
+    wandb_entity: str = ""  # empty: WANDB_ENTITY, else the API key's default entity
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alerts", parse_alert_rules(self.alerts))
@@ -198,6 +206,11 @@ class CollectorConfig:
                  "collector.alert_generator_url", f"must be an http:// or https:// URL, got {self.alert_generator_url!r}")
         _require(self.alert_repeat_s > 0, "collector.alert_repeat_s", "must be > 0")
         _require(self.alert_timeout_s > 0, "collector.alert_timeout_s", "must be > 0")
+        _require(self.alert_interval_s > 0, "collector.alert_interval_s", "must be > 0")
+        _require(self.tracker_sync_s >= 0, "collector.tracker_sync_s", "must be >= 0 (0: never)")
+        _require(self.tracker_lookback_s > 0, "collector.tracker_lookback_s", "must be > 0")
+        _require(self.tracker_final_after_s >= 0, "collector.tracker_final_after_s", "must be >= 0")
+        _require("/" not in self.wandb_entity, "collector.wandb_entity", "must be a name without '/'")
         _require_unique([r.name for r in self.alerts], "collector.alerts", "names must be unique (set name = ...)")
         return self
 

@@ -10,6 +10,14 @@ Every batch names its run's session start: when this run began watching the host
 starts at its first window; a run that restarts after the previous one was killed (no stop) on
 the same boot starts where the previous one stopped closing windows, so the time the agent was
 down counts as unmonitored; after a reboot it starts at the boot (the host was up, unwatched).
+
+Inference endpoints ([[agent.endpoints]]): an EndpointScraper reads each server's own counters on
+the same window grid. Driven by `step()` (simulated fleets, tests) it scrapes inline; under `run()`
+it scrapes on a thread of its own, so a slow or hung server delays only the scrape (never the GPU
+windows): each GET is bounded by the endpoint's timeout_s, and the closed endpoint windows wait in
+a queue that `flush()` empties. They travel in the first batch of a flush that carries GPU windows
+(a batch needs GPU windows unless it is a stop batch), or in the stop batch. A failed scrape is
+counted (`endpoint_stats()`) and its time left out of the window's scraped_ms, never guessed.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from gpuledger.agent.spool import Spool, SpoolFull
 from gpuledger.agent.windows import Closed, Windower
 from gpuledger.clock import Clock
 from gpuledger.config import AgentConfig
-from gpuledger.schema import GPU_WINDOW_SCHEMA, PROC_WINDOW_SCHEMA, to_ipc
+from gpuledger.schema import ENDPOINT_WINDOW_SCHEMA, GPU_WINDOW_SCHEMA, PROC_WINDOW_SCHEMA, to_ipc
 from gpuledger.v1 import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,14 @@ def encode_batch(agent_id: str, epoch: int, seq: int, host: pb.HostFacts, gpus: 
                          proc_windows_arrow=to_ipc(closed.proc.cast(PROC_WINDOW_SCHEMA)),
                          dropped_windows=dropped_windows, sent_ms=sent_ms, session_start_ms=session_start_ms)
     return msg.SerializeToString()
+
+
+def endpoint_part(endpoint: pa.Table | None) -> bytes:
+    """The serialized WindowBatch field carrying endpoint windows, to append to an encoded batch
+    (protobuf keeps the last value of a field, so appending sets it)."""
+    if endpoint is None or not endpoint.num_rows:
+        return b""
+    return pb.WindowBatch(endpoint_windows_arrow=to_ipc(endpoint.cast(ENDPOINT_WINDOW_SCHEMA))).SerializeToString()
 
 
 def encode_stop(agent_id: str, epoch: int, seq: int, host: pb.HostFacts, session_start_ms: int, stopped_ms: int,
@@ -177,7 +193,7 @@ def with_seq(payload: bytes, seq: int) -> bytes:
 
 class Agent:
     def __init__(self, cfg: AgentConfig, source: GpuSource, clock: Clock, spool: Spool,
-                 start_us: int | None = None, boot_ms: int | None = None) -> None:
+                 start_us: int | None = None, boot_ms: int | None = None, http_get=None) -> None:
         self.cfg = cfg
         self.source = source
         self.clock = clock
@@ -209,6 +225,19 @@ class Agent:
         self.last_closed: Closed | None = None  # the windows closed by the latest step
         self.on_closed = None  # called with every Closed (per-GPU metrics count each window once)
         self._closed = False
+        # endpoint scraping: `http_get(url, timeout_s) -> bytes` replaces urllib (a simulated server)
+        self.scraper = None
+        self._ep_pending: list[pa.Table] = []
+        self._ep_lock = threading.Lock()
+        self._scrape_thread: threading.Thread | None = None
+        self._scrape_stop = threading.Event()
+        self.scrape_failures = 0  # scrape loop iterations that raised (a bug, not a failed scrape)
+        self._ep_window = -1  # the window index of the last close_windows call
+        if cfg.endpoints:
+            from gpuledger.agent.scrape import EndpointScraper
+
+            self.scraper = EndpointScraper(cfg.endpoints, http_get=http_get, window_s=cfg.window_s,
+                                           start_us=self.windower.closed_until_us)
 
     def _session_start(self, start_us: int | None, boot_ms: int | None) -> int:
         """When this run begins watching the host (see the module docstring)."""
@@ -237,14 +266,82 @@ class Agent:
             self.windows_sampled += closed.n_windows
             self.last_closed = closed
             self._closed_hook(closed)
+        if self.scraper is not None and self._scrape_thread is None:
+            self.scrape(now_us)
         if now_us - self._last_flush_us >= self.cfg.flush_s * 1e6:
             self.flush(now_us)
+
+    # ------------------------------------------------------------------ endpoints
+    def scrape(self, now_us: int | None = None) -> None:
+        """Scrape the endpoints that are due and queue their closed windows (inline, or from the
+        scrape thread: one caller at a time)."""
+        if self.scraper is None:
+            return
+        now_us = self.clock.now_us() if now_us is None else now_us
+        self.scraper.poll(now_us)
+        window = now_us // self.scraper.window_us
+        if window != self._ep_window:  # windows close only at a boundary: skip the empty tables between
+            self._ep_window = window
+            self._queue_endpoint(self.scraper.close_windows(now_us))
+
+    def _queue_endpoint(self, table: pa.Table) -> None:
+        if table.num_rows:
+            with self._ep_lock:
+                self._ep_pending.append(table)
+
+    def _take_endpoint(self) -> pa.Table | None:
+        with self._ep_lock:
+            parts, self._ep_pending = self._ep_pending, []
+        if not parts:
+            return None
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+    def endpoint_stats(self) -> dict:
+        """Per endpoint: scrapes_ok, scrapes_failed, resets, last_error ({} without endpoints)."""
+        return self.scraper.stats() if self.scraper is not None else {}
+
+    def start_scraping(self) -> None:
+        """Scrape on a thread of its own from now on (`run()` does this); safe to call twice."""
+        if self.scraper is None or self._scrape_thread is not None:
+            return
+        self._scrape_thread = threading.Thread(target=self._scrape_loop, name="gpuledger-scrape", daemon=True)
+        self._scrape_thread.start()
+
+    def _scrape_loop(self) -> None:
+        tick = self.cfg.tick_s
+        next_t = time.monotonic()
+        while not self._scrape_stop.is_set():
+            try:
+                self.scrape()
+            except Exception:  # a bug must not end scraping; failed scrapes are counted by the scraper
+                self.scrape_failures += 1
+                log.exception("endpoint scrape failed; continuing")
+            next_t += tick
+            delay = next_t - time.monotonic()
+            if delay < 0:
+                next_t = time.monotonic()
+                delay = 0
+            self._scrape_stop.wait(delay)
+
+    def _stop_scraping(self) -> bool:
+        """Stop the scrape thread; False if it is still inside a scrape (the scraper is then left alone)."""
+        if self._scrape_thread is not None:
+            self._scrape_stop.set()
+            self._scrape_thread.join(timeout=max(5.0, 2 * max((e.timeout_s for e in self.cfg.endpoints), default=0)))
+            if self._scrape_thread.is_alive():
+                log.warning("endpoint scrape thread did not stop: the open endpoint windows are not closed")
+                return False
+        return True
 
     def flush(self, now_us: int | None = None) -> int | None:
         """Encode pending closed windows into one batch and append it to the spool."""
         now_us = self.clock.now_us() if now_us is None else now_us
         self._last_flush_us = now_us
+        endpoint = self._take_endpoint()
         if not self._pending:
+            if endpoint is not None:  # a batch needs GPU windows: these wait for the next one
+                with self._ep_lock:
+                    self._ep_pending.insert(0, endpoint)
             return None
         closed = merge_closed(self._pending)
         self._pending = []
@@ -255,8 +352,12 @@ class Agent:
             return encode_batch(self.agent_id, self.spool.epoch, 0, self.host, infos, c, self.spool.dropped_windows,
                                 now_us // 1000, self.session_start_ms)
 
+        extra = endpoint_part(endpoint)
+        limit = max(self.cfg.max_batch_bytes // 2, self.cfg.max_batch_bytes - len(extra))
         seq = None
-        for payload, n_windows in encode_within(self.cfg.max_batch_bytes, closed, encode):
+        for i, (payload, n_windows) in enumerate(encode_within(limit, closed, encode)):
+            if i == 0 and extra:
+                payload += extra  # the endpoint windows ride in the first batch
             try:
                 seq = self.spool.append(with_seq(payload, self.spool.next_seq), n_windows, seq=self.spool.next_seq)
             except SpoolFull as e:
@@ -271,6 +372,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        scraper_free = self._stop_scraping()
         now_us = self.clock.now_us()
         try:
             self.windower.add(self.source.poll(now_us))
@@ -282,13 +384,19 @@ class Agent:
             self.windows_sampled += closed.n_windows
             self.last_closed = closed
             self._closed_hook(closed)
+        if self.scraper is not None and scraper_free:
+            try:
+                self.scraper.poll(now_us)
+            except Exception as e:
+                log.warning("last scrape failed: %s", e)
+            self._queue_endpoint(self.scraper.close(now_us))
         self.flush(now_us)
         self.source.close()
         stopped_ms = max(now_us // 1000, self.session_start_ms)
-        try:
+        try:  # endpoint windows that found no GPU batch go with the stop batch
             self.spool.append(encode_stop(self.agent_id, self.spool.epoch, self.spool.next_seq, self.host,
-                                          self.session_start_ms, stopped_ms, now_us // 1000), 0,
-                              seq=self.spool.next_seq)
+                                          self.session_start_ms, stopped_ms, now_us // 1000)
+                              + endpoint_part(self._take_endpoint()), 0, seq=self.spool.next_seq)
             self.batches_spooled += 1
             self.spool.mark_stopped(stopped_ms)
         except (SpoolFull, OSError) as e:  # then the collector sees silence, never idle time
@@ -302,7 +410,8 @@ class Agent:
                 log.exception("on_closed hook failed")
 
     def run(self, stop: threading.Event) -> None:
-        """Real-time loop: one poll every tick_s until `stop` is set."""
+        """Real-time loop: one poll every tick_s until `stop` is set (endpoints scraped on their own thread)."""
+        self.start_scraping()
         tick = self.cfg.tick_s
         next_t = time.monotonic()
         while not stop.is_set():

@@ -11,7 +11,12 @@ Profiles:
   requests arriving as a Poisson process, each keeping the GPU busy for a short random time.
   Each of their samples is the busy fraction of its driver period, rounded to an integer percent
   as NVML reports it, and `SimulatedSource.busy_us` gives the exact busy time of any interval;
-plus NVML outages (no readings at all) on some GPUs, which must show up as unmonitored.
+plus NVML outages (no readings at all) on some GPUs, which must show up as unmonitored;
+- workflow profiles (`endpoint`, `experiment`): an inference endpoint whose GPU is busy exactly while
+  its simulated requests are in flight (`SimEndpoint`: requests, prompt and generation tokens from a
+  seeded arrival process whose rate follows the time of day, served as a vLLM /metrics exposition by
+  `SimInferenceServer` or handed to the agent's scraper by `sim_http_get`), and training runs on a
+  schedule (`SimRun`: an MLflow run id and experiment id on the process, ending early when it fails).
 
 The source keeps its own ground truth (active / idle-held / idle-free / unmonitored seconds per
 GPU) from exactly the samples it hands out, so tests can compare the pipeline against it.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,10 +86,51 @@ BURSTY = {
     "inference_poisson": Poisson(rate_per_s=3.0, median_ms=60.0, sigma=0.8),  # a lightly loaded endpoint
 }
 PROFILES = FLEET_PROFILES + tuple(BURSTY)
+WORKFLOW_PROFILES = ("endpoint", "experiment")  # need SimGpu.traffic / SimGpu.runs
 _POISSON_BLOCK_US = 60_000_000  # requests are drawn per block of the source's time, one seed each
 
 
 Truth = StateSeconds  # the simulator's ground truth per GPU
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Requests to a simulated inference endpoint: arrivals a Poisson process whose rate follows the
+    time of day (UTC). `shape` diurnal: between `floor` x peak (03:00) and the peak (15:00), never
+    zero; `hours`: the peak rate from hours[0] to hours[1] (UTC, every day), none outside (a
+    development endpoint used in working hours). Each request has log-normal prompt and generation
+    token counts (medians, shape `sigma`, generation capped at `max_tokens`) and keeps the endpoint
+    busy for prefill_ms + generation tokens x ms_per_token."""
+
+    peak_rps: float = 2.0
+    shape: str = "diurnal"
+    hours: tuple[float, float] = (9.0, 17.0)
+    floor: float = 0.15
+    prompt_tokens: float = 350.0
+    generation_tokens: float = 120.0
+    sigma: float = 0.7
+    max_tokens: int = 1024
+    prefill_ms: float = 40.0
+    ms_per_token: float = 15.0
+
+    def rate(self, t_s: np.ndarray) -> np.ndarray:
+        """Requests per second at absolute times (seconds since the epoch)."""
+        day = (np.asarray(t_s, float) % DAY_S) / DAY_S
+        if self.shape == "hours":
+            h = day * 24.0
+            return np.where((h >= self.hours[0]) & (h < self.hours[1]), self.peak_rps, 0.0)
+        wave = 0.5 + 0.5 * np.sin(2 * math.pi * (day - 0.375))  # 0 at 03:00, 1 at 15:00
+        return self.peak_rps * (self.floor + (1.0 - self.floor) * wave)
+
+
+@dataclass(frozen=True)
+class SimRun:
+    """A training run on one GPU, [start_s, end_s) after the source's start, with its tracker ids."""
+
+    run_id: str
+    start_s: float
+    end_s: float
+    experiment_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +139,10 @@ class SimGpu:
     team: str = "research"
     project: str = "default"
     outage: tuple[float, float] | None = None  # [start, end) seconds after the source's start
+    endpoint: str = ""  # endpoint profile: its name (default <project>-endpoint); GPUs of one name share traffic
+    traffic: Traffic | None = None  # endpoint profile: its requests (default Traffic())
+    phase: str = ""  # the process's phase tag (default: production for inference, experiment otherwise)
+    runs: tuple = ()  # experiment profile: SimRun, ... (the GPU is free between runs)
 
 
 @dataclass
@@ -104,7 +155,8 @@ class _State:
 
 
 _WORKLOAD = {"training": "train", "notebook": "notebook", "inference": "inference",
-             "training_45_15": "train", "dataloader_8_2": "train", "inference_poisson": "inference"}
+             "training_45_15": "train", "dataloader_8_2": "train", "inference_poisson": "inference",
+             "endpoint": "inference", "experiment": "train"}
 
 
 def _stable_seed(*parts) -> int:
@@ -142,6 +194,13 @@ class SimulatedSource:
         self._truth_until_us = self.start_us
         self._closed = False
         self._poisson_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.endpoints: dict[str, SimEndpoint] = {}  # endpoint name -> its simulated server
+        for spec in self.spec:
+            if spec.profile == "endpoint":
+                name = endpoint_name(spec)
+                if name not in self.endpoints:
+                    self.endpoints[name] = SimEndpoint(name, spec.traffic or Traffic(), self.start_us,
+                                                       seed=_stable_seed(seed, host_id, name) % 2**32)
 
     # -- GpuSource
     def gpus(self) -> list[GpuFacts]:
@@ -233,7 +292,15 @@ class SimulatedSource:
             traffic = 0.45 + 0.4 * np.sin(2 * math.pi * (day - 0.3))
             pct = np.clip(rng.normal(traffic * 100, 6, n), 0, 100)
             job[:] = 1
-        elif spec.profile in BURSTY:
+        elif spec.profile == "experiment":
+            job = np.zeros(n, np.int64)
+            for i, r in enumerate(spec.runs):
+                job = np.where((rel_s > r.start_s) & (rel_s <= r.end_s), i + 1, job)
+            held = job > 0
+            stall = (rel_s % 360) >= 320  # a 40 s input stall every 6 min, as the training profile
+            pct = np.clip(rng.normal(95, 3, n), 0, 100)
+            pct = np.where(stall | ~held, 0, pct)
+        elif spec.profile in BURSTY or spec.profile == "endpoint":
             held = np.ones(n, bool)
             busy = self.busy_us(g, ends - self.period_us, ends)
             pct = 100.0 * busy / self.period_us  # exact busy fraction of each driver period
@@ -275,6 +342,8 @@ class SimulatedSource:
 
     def _intervals(self, g: int, lo_us: int, hi_us: int) -> tuple[np.ndarray, np.ndarray]:
         """Busy intervals of GPU g that may overlap [lo_us, hi_us), in absolute microseconds."""
+        if self.spec[g].profile == "endpoint":
+            return self.endpoints[endpoint_name(self.spec[g])].busy_intervals(lo_us, hi_us)
         model = BURSTY.get(self.spec[g].profile)
         if model is None:
             raise ValueError(f"GPU {g}: profile {self.spec[g].profile!r} has no busy-interval model "
@@ -321,11 +390,17 @@ class SimulatedSource:
             self.start_us // 1000 - 3600_000)
         workload = _WORKLOAD[spec.profile]
         tags = [("team", spec.team), ("project", spec.project), ("workload", workload),
-                ("phase", "production" if workload == "inference" else "experiment")]
+                ("phase", spec.phase or ("production" if workload == "inference" else "experiment"))]
         if spec.profile == "training":
             tags.append(("mlflow_run_id", f"run-{self.host_id}-{g}-{job}"))
+        if spec.profile == "experiment":
+            run = spec.runs[job - 1]
+            start_ms = self.start_us // 1000 + int(run.start_s * 1000)
+            tags.append(("mlflow_run_id", run.run_id))
+            if run.experiment_id:
+                tags.append(("mlflow_experiment_id", run.experiment_id))
         if workload == "inference":
-            tags.append(("endpoint", f"{spec.project}-endpoint"))
+            tags.append(("endpoint", endpoint_name(spec) if spec.profile == "endpoint" else f"{spec.project}-endpoint"))
         return ProcessIdentity(pid=int(pid), start_ms=int(start_ms),
                                command={"train": "python train.py", "notebook": "jupyter-kernel",
                                         "inference": "vllm serve"}[workload],
@@ -459,3 +534,207 @@ def simulated_fleet(n_hosts: int = 8, seed: int = 7) -> list[SimHost]:
                              instance_type=itype, gpu_model=model, gpus=tuple(gpus),
                              tags={"team": "platform", "cloud_account": f"{provider}-prod"}))
     return hosts
+
+
+# ----------------------------------------------------------------------------- inference endpoints
+
+
+def endpoint_name(spec: SimGpu) -> str:
+    return spec.endpoint or f"{spec.project}-endpoint"
+
+
+_BLOCK_US = 60_000_000  # requests are drawn per minute of the source's time, one seed each
+
+
+class SimEndpoint:
+    """A simulated inference server's requests, exactly: every request's arrival, completion and
+    token counts come from a seeded draw per minute, so any instant's counters, and the ground truth
+    of any window, are computed from the same requests the GPU is busy with.
+
+    counters(t) are what its /metrics would say at t: requests completed by t (t included), their
+    prompt and generation tokens, and requests in flight at t (arrived by t, not completed)."""
+
+    def __init__(self, name: str, traffic: Traffic, start_us: int, seed: int = 0, model: str = "sim/llm-8b") -> None:
+        max_us = int(round((traffic.prefill_ms + traffic.max_tokens * traffic.ms_per_token) * 1000))
+        if max_us >= _BLOCK_US:
+            raise ValueError(f"endpoint {name}: a request may last {max_us / 1e6:.0f} s, at most 60 s "
+                             "(lower max_tokens or ms_per_token)")
+        if traffic.shape not in ("diurnal", "hours"):
+            raise ValueError(f"endpoint {name}: traffic shape must be diurnal or hours, got {traffic.shape!r}")
+        self.name = name
+        self.traffic = traffic
+        self.start_us = int(start_us)
+        self.seed = seed
+        self.model = model
+        self._blocks: dict[int, tuple[np.ndarray, ...]] = {}
+        self._cum: list[np.ndarray] = [np.zeros(4, np.int64)]  # totals of blocks < k: requests, prompt, gen, length
+        self._lock = threading.Lock()  # the HTTP server's threads and the source both read it
+
+    # -- the requests
+    def _block(self, k: int) -> tuple[np.ndarray, ...]:
+        """Requests arriving in block k: (arrive, complete, prompt, generation), arrival-sorted, us."""
+        hit = self._blocks.get(k)
+        if hit is not None:
+            return hit
+        t = self.traffic
+        rng = np.random.default_rng(_stable_seed(self.seed, self.name, "requests", k))
+        a0 = self.start_us + k * _BLOCK_US
+        n = int(rng.poisson(t.peak_rps * _BLOCK_US / 1e6)) if k >= 0 else 0
+        arrive = a0 + np.sort(rng.integers(0, _BLOCK_US, n)).astype(np.int64)
+        keep = rng.random(n) * t.peak_rps < t.rate(arrive / 1e6)  # thinning: the rate of the time of day
+        arrive = arrive[keep]
+        m = arrive.size
+        prompt = np.maximum(1, np.rint(rng.lognormal(math.log(t.prompt_tokens), t.sigma, m))).astype(np.int64)
+        gen = np.clip(np.rint(rng.lognormal(math.log(t.generation_tokens), t.sigma, m)), 1, t.max_tokens).astype(np.int64)
+        complete = arrive + np.rint((t.prefill_ms + gen * t.ms_per_token) * 1000).astype(np.int64)
+        out = (arrive, complete, prompt, gen)
+        if len(self._blocks) > 256:
+            self._blocks.clear()
+        self._blocks[k] = out
+        return out
+
+    def _cum_before(self, k: int) -> np.ndarray:
+        while len(self._cum) <= k:
+            j = len(self._cum) - 1
+            _, _, p, gen = self._block(j)
+            tot = np.array([p.size, p.sum(), gen.sum(), int((gen == self.traffic.max_tokens).sum())], np.int64)
+            self._cum.append(self._cum[-1] + tot)
+        return self._cum[max(k, 0)]
+
+    def _k(self, t_us: int) -> int:
+        return (int(t_us) - self.start_us) // _BLOCK_US
+
+    def requests(self, t0_us: int, t1_us: int) -> tuple[np.ndarray, ...]:
+        """Every request that arrived in [t0_us - 2 min, t1_us): enough for anything that happens in
+        [t0_us, t1_us)."""
+        k0, k1 = max(self._k(t0_us) - 2, 0), self._k(t1_us)
+        parts = [self._block(k) for k in range(k0, k1 + 1)] if k1 >= 0 else []
+        if not parts:
+            return tuple(np.zeros(0, np.int64) for _ in range(4))
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+    def counters(self, t_us: int) -> tuple[int, int, int, int, int]:
+        """(requests completed, prompt tokens, generation tokens, running, completed at max_tokens) at t."""
+        with self._lock:
+            k = self._k(t_us)
+            if k < 0:
+                return 0, 0, 0, 0, 0
+            base = self._cum_before(k - 1).copy()
+            running = 0
+            for j in (k - 1, k):
+                if j < 0:
+                    continue
+                arrive, complete, p, gen = self._block(j)
+                done = complete <= t_us
+                base += np.array([done.sum(), p[done].sum(), gen[done].sum(),
+                                  (done & (gen == self.traffic.max_tokens)).sum()], np.int64)
+                running += int(((arrive <= t_us) & ~done).sum())
+            return int(base[0]), int(base[1]), int(base[2]), running, int(base[3])
+
+    def busy_intervals(self, lo_us: int, hi_us: int) -> tuple[np.ndarray, np.ndarray]:
+        """Union of the requests' [arrive, complete) that may overlap [lo_us, hi_us)."""
+        with self._lock:
+            arrive, complete, _, _ = self.requests(lo_us, hi_us)
+        if arrive.size == 0:
+            return arrive, complete
+        run_end = np.maximum.accumulate(complete)
+        first = np.concatenate(([True], arrive[1:] > run_end[:-1]))
+        last = np.concatenate((first[1:], [True]))
+        return arrive[first], run_end[last]
+
+    def truth(self, t0_us: int, t1_us: int, window_us: int = 10_000_000) -> dict[str, np.ndarray]:
+        """Ground truth per window [a, a + window) for a in [t0_us, t1_us), as a scrape at each window's
+        start sees it: requests completed in (a, a + window] and their tokens, requests in flight at a,
+        and `serving` (either > 0)."""
+        starts = np.arange(int(t0_us), int(t1_us), int(window_us), dtype=np.int64)
+        with self._lock:
+            arrive, complete, p, gen = self.requests(t0_us, t1_us + window_us)
+        order = np.argsort(complete, kind="stable")
+        c = complete[order]
+        cp = np.concatenate(([0], np.cumsum(p[order])))
+        cg = np.concatenate(([0], np.cumsum(gen[order])))
+        lo = np.searchsorted(c, starts, side="right")
+        hi = np.searchsorted(c, starts + window_us, side="right")
+        running = np.searchsorted(np.sort(arrive), starts, side="right") - lo
+        req = hi - lo
+        return {"window_start_us": starts, "requests": req, "prompt_tokens": cp[hi] - cp[lo],
+                "generation_tokens": cg[hi] - cg[lo], "running": running, "serving": (req > 0) | (running > 0)}
+
+    def exposition(self, t_us: int) -> str:
+        """The endpoint's /metrics at t, in vLLM's names (V1 exposition: an engine label on every series)."""
+        req, prompt, gen, running, length = self.counters(t_us)
+        lbl = f'engine="0",model_name="{self.model}"'
+        start_s = self.start_us / 1e6
+        return (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{lbl}}} {running}.0\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{{{lbl}}} 0.0\n"
+            "# HELP vllm:request_success_total Count of successfully processed requests.\n"
+            "# TYPE vllm:request_success_total counter\n"
+            f'vllm:request_success_total{{{lbl},finished_reason="stop"}} {req - length}.0\n'
+            f'vllm:request_success_total{{{lbl},finished_reason="length"}} {length}.0\n'
+            f'vllm:request_success_total{{{lbl},finished_reason="abort"}} 0.0\n'
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
+            "# TYPE vllm:prompt_tokens_total counter\n"
+            f"vllm:prompt_tokens_total{{{lbl}}} {prompt}.0\n"
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+            "# TYPE vllm:generation_tokens_total counter\n"
+            f"vllm:generation_tokens_total{{{lbl}}} {gen}.0\n"
+            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n"
+            "# TYPE process_start_time_seconds gauge\n"
+            f"process_start_time_seconds {start_s:.2f}\n")
+
+
+def sim_http_get(endpoints: dict, clock) -> callable:
+    """An `http_get(url, timeout_s)` for EndpointScraper that answers http://sim/<name>/metrics from the
+    simulated endpoint of that name at the clock's now (no socket: for fleets of many endpoints)."""
+
+    def http_get(url: str, timeout_s: float) -> bytes:
+        name = url.rstrip("/").split("/")[-2]
+        ep = endpoints.get(name)
+        if ep is None:
+            raise OSError(f"no simulated endpoint {name!r}")
+        return ep.exposition(clock.now_us()).encode()
+
+    return http_get
+
+
+class SimInferenceServer:
+    """Real HTTP on 127.0.0.1 (a free port) serving GET /<name>/metrics of each simulated endpoint at
+    the clock's now, so an agent scrapes them exactly as it scrapes vLLM. close() stops it."""
+
+    def __init__(self, endpoints: dict, clock, host: str = "127.0.0.1") -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        eps = dict(endpoints)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                parts = self.path.strip("/").split("/")
+                ep = eps.get(parts[0]) if len(parts) == 2 and parts[1] == "metrics" else None
+                body = ep.exposition(clock.now_us()).encode() if ep else b"not found\n"
+                self.send_response(200 if ep else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="gpuledger-sim-inference", daemon=True)
+        self._thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}/metrics"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

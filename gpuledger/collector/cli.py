@@ -51,7 +51,7 @@ def serve(
         typer.echo(f"gpuledger collector: {e}", err=True)
         raise typer.Exit(2) from e
     try:
-        collector = build_collector(cfg)
+        collector = build_collector(cfg, config)
     except ValueError as e:  # ConfigError, PricingError, a bad DSN: bad input
         typer.echo(f"gpuledger collector: {e}", err=True)
         raise typer.Exit(2) from e

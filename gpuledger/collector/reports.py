@@ -61,13 +61,39 @@ def run(store: Store, pricing: Pricing, req: pb.ReportRequest, now_ms: int,
         from gpuledger.collector.heatmap import heatmap_table
 
         rows = heatmap_table(store, since, until, req.by or "gpu", filters, now_ms, rules)
+    elif req.report in WORKFLOW_REPORTS:
+        rows = _workflow_report(store, pricing, req.report, since, until, filters, now_ms, rules)
     else:
-        raise ReportError(f"report: unknown report {req.report!r} (idle, cost, focus, heatmap)")
+        raise ReportError(f"report: unknown report {req.report!r} (idle, cost, focus, heatmap, "
+                          f"{', '.join(WORKFLOW_REPORTS)})")
     table = rows if isinstance(rows, pa.Table) else (pa.Table.from_pylist(rows) if rows else pa.table({}))
     currencies = sorted({c for c in (table.column("currency").to_pylist() if "currency" in table.column_names
                                      else []) if c})
     return pb.ReportReply(arrow=to_ipc(table), currency=",".join(currencies) or "USD",
                           pricing_source="; ".join(dict.fromkeys(pricing.sources)), since_ms=since, until_ms=until)
+
+
+WORKFLOW_REPORTS = ("endpoints", "inference_model", "runs", "estimate", "alerts")
+
+
+def _workflow_report(store: Store, pricing: Pricing, report: str, since: int, until: int, filters: dict,
+                     now_ms: int, rules: CoverageRules):
+    """Endpoints, runs, estimates and alerts (endpoints.py, runs.py, estimate.py, alerting.py); their
+    input errors become ReportError (INVALID_ARGUMENT)."""
+    from gpuledger.collector import alerting, endpoints, estimate, runs
+
+    try:
+        if report == "endpoints":
+            return endpoints.endpoint_rows(store, pricing, since, until, filters, now_ms, rules)
+        if report == "inference_model":
+            return endpoints.inference_model(store, pricing, since, until, filters, now_ms, rules)
+        if report == "runs":
+            return runs.run_rows(store, pricing, since, until, filters, now_ms, rules)
+        if report == "estimate":
+            return estimate.estimate_rows(store, pricing, since, until, filters, now_ms, rules)
+        return alerting.alert_rows(store, since, until, filters, now_ms)
+    except (endpoints.EndpointError, estimate.EstimateError) as e:
+        raise ReportError(str(e)) from e
 
 
 def _periods(pricing: Pricing, since: int, until: int, grid_step: int = 0) -> Periods:

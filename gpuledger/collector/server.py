@@ -90,6 +90,7 @@ class Collector:
         self._thread: threading.Thread | None = None
         self._started = False
         self._stopped = False
+        self.jobs = None  # alerting.Jobs (alert rules, tracker sync): started and stopped with the collector
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> int:
@@ -107,6 +108,8 @@ class Collector:
             log.warning("prices table not written at start: %s", e)
         if self.run_sealer:
             self.sealer.start()
+        if self.jobs is not None:
+            self.jobs.start()
         self._started = True
         return self.port
 
@@ -188,6 +191,8 @@ class Collector:
         try:
             self._call(shutdown(), timeout=grace_s + 30)
         finally:
+            if self.jobs is not None:
+                self.jobs.close()
             self.sealer.close()
             self.writer.close()
             self._loop.call_soon_threadsafe(self._loop.stop)

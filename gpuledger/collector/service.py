@@ -20,7 +20,7 @@ def coverage_rules(cfg: CollectorConfig) -> CoverageRules:
     return CoverageRules(grace_ms=int(cfg.silence_grace_s * 1000), horizon_ms=int(cfg.silence_horizon_s * 1000))
 
 
-def build_collector(cfg: CollectorConfig) -> Collector:
+def build_collector(cfg: CollectorConfig, config_path: str | None = None) -> Collector:
     from gpuledger.security import collector_security
 
     auth, creds, note = collector_security(cfg)
@@ -38,4 +38,7 @@ def build_collector(cfg: CollectorConfig) -> Collector:
                           seal_interval_s=cfg.seal_interval_s, seal_settle_s=cfg.seal_settle_s,
                           run_sealer=cfg.run_sealer)
     collector.security_note = note
+    from gpuledger.collector.alerting import attach_jobs
+
+    attach_jobs(collector, cfg, config_path)  # alert rules, run cost onto MLflow / W&B runs
     return collector

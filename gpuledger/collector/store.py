@@ -173,6 +173,12 @@ TABLES: dict[str, Table] = {
         host_id String, gpu_uuid String, from_ms Int64, until_ms Int64, per_gpu_hour Float64,
         currency LowCardinality(String), method LowCardinality(String), source String, version_ms Int64
     """, "MergeTree", "(host_id, gpu_uuid, from_ms, version_ms)"),
+    # alert states written by the collector's alert job (alerting.py), read by the "alerts" report
+    "alerts": Table("""
+        alertname LowCardinality(String), alert_key String, labels Map(String, String),
+        state LowCardinality(String), active_since_ms Int64, updated_ms Int64, value String, summary String,
+        description String
+    """, "ReplacingMergeTree", "(alertname, alert_key, active_since_ms)", "updated_ms"),
     "agent_batches": Table("""
         agent_id LowCardinality(String), host_id LowCardinality(String), agent_epoch UInt64, seq UInt64,
         received_ms Int64, windows UInt32, proc_windows UInt32, dropped_windows UInt64
