@@ -251,7 +251,8 @@ class Shipper:
             except grpc.RpcError as e:
                 # the transport refused a message (over its receive limit): the largest batch in flight is
                 # the culprit; learn a limit below its size so that it is split before it is sent again
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and inflight:
+                # (not the collector's stream limits, which refuse a stream with the same code and say so)
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and inflight and "larger than" in (e.details() or ""):
                     seq, _, size = max(inflight, key=lambda x: x[2])
                     limit = size // 2
                     if not self.max_batch_bytes or limit < self.max_batch_bytes:

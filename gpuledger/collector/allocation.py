@@ -21,6 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from gpuledger.collector import coverage
 from gpuledger.collector.pricing import Price, Pricing
@@ -302,11 +304,22 @@ def _params(plan: _Plan, periods: Periods, host_filter: str, **extra) -> dict:
 
 def state_sums(store: Store, periods: Periods, host_filter: str = "") -> list[tuple]:
     """(host, GPU, grid, seg, active ms, idle-held ms, idle-free ms) of the stored windows."""
+    return store.report_rows(*_state_sql(store, periods, host_filter))
+
+
+def state_table(store: Store, periods: Periods, host_filter: str = "") -> pa.Table:
+    """state_sums as an Arrow table: host_id, gpu_uuid, grid, seg, active, idle_held, idle_free."""
+    sql, params = _state_sql(store, periods, host_filter)
+    return store.query_arrow(sql, params, store.report_settings())
+
+
+def _state_sql(store: Store, periods: Periods, host_filter: str) -> tuple[str, dict]:
     plan = _plan(store, periods, host_filter)
     db = store.db
     host = " AND host_id = {host:String}" if host_filter else ""
-    return store.report_rows(
-        f"""SELECT host_id, gpu_uuid, grid, seg, sum(busy), sum(held), sum(free) FROM (
+    return (
+        f"""SELECT host_id, gpu_uuid, grid, seg, sum(busy) AS active, sum(held) AS idle_held,
+                   sum(free) AS idle_free FROM (
                 SELECT host_id, gpu_uuid, {periods.sql_key('hour_ms')}, busy_ms AS busy, idle_held_ms AS held,
                        idle_free_ms AS free
                 FROM {db}.gpu_hours FINAL WHERE {_rollup_filter(plan)}{host}
@@ -355,26 +368,56 @@ class GpuPeriod:
     covered: StateMs = field(default_factory=StateMs)  # unmonitored = expected - covered
 
 
+def gpu_period_table(store: Store, periods: Periods, now_ms: int, rules: coverage.CoverageRules,
+                     host_filter: str = "") -> tuple[pa.Table, dict[str, coverage.HostStatus]]:
+    """Per (host, GPU, grid, seg), columnar: host_id, gpu_uuid, grid, seg and the ms of each state, unmonitored
+    being expected minus covered (never < 0). Built with Arrow and numpy: a month of 1,000 GPUs by the hour is
+    720,000 rows, never a Python object each."""
+    sums = state_table(store, periods, host_filter)
+    sums = pa.table({n: sums.column(n).cast(t) for n, t in (
+        ("host_id", pa.string()), ("gpu_uuid", pa.string()), ("grid", pa.int64()), ("seg", pa.int64()),
+        ("active", pa.float64()), ("idle_held", pa.float64()), ("idle_free", pa.float64()))})
+    expected, status = coverage.expectations(store, periods.since, periods.until, now_ms, rules, host_filter)
+    edges, keys = periods.pieces()
+    grid_of = np.array([k[0] for k in keys], np.int64)
+    seg_of = np.array([k[1] for k in keys], np.int64)
+    hosts, gpus, grids, segs, exps = [], [], [], [], []
+    for (host_id, uuid), e in expected.items():
+        per_piece = e.per_period(edges)
+        nz = np.flatnonzero(per_piece)
+        if not nz.size:
+            continue
+        hosts.append(np.full(nz.size, host_id, object))
+        gpus.append(np.full(nz.size, uuid, object))
+        grids.append(grid_of[nz])
+        segs.append(seg_of[nz])
+        exps.append(per_piece[nz].astype(np.float64))
+
+    def cat(parts, dtype):
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    exp = pa.table({"host_id": pa.array(cat(hosts, object), pa.string()),
+                    "gpu_uuid": pa.array(cat(gpus, object), pa.string()),
+                    "grid": cat(grids, np.int64), "seg": cat(segs, np.int64), "expected": cat(exps, np.float64)})
+    joined = sums.join(exp, keys=["host_id", "gpu_uuid", "grid", "seg"], join_type="full outer")
+    fill = {name: pc.fill_null(joined.column(name), 0.0) for name in ("active", "idle_held", "idle_free",
+                                                                     "expected")}
+    monitored = pc.add(pc.add(fill["active"], fill["idle_held"]), fill["idle_free"])
+    unmonitored = pc.max_element_wise(pc.subtract(fill["expected"], monitored), 0.0)
+    out = pa.table({"host_id": joined.column("host_id"), "gpu_uuid": joined.column("gpu_uuid"),
+                    "grid": joined.column("grid"), "seg": joined.column("seg"), "active": fill["active"],
+                    "idle_held": fill["idle_held"], "idle_free": fill["idle_free"], "unmonitored": unmonitored})
+    return out, status
+
+
 def gpu_periods(store: Store, periods: Periods, now_ms: int, rules: coverage.CoverageRules,
                 host_filter: str = "") -> tuple[dict[tuple, GpuPeriod], dict[str, coverage.HostStatus]]:
     """Per (host, GPU, grid, seg): covered state ms and unmonitored ms (expected minus covered, never < 0)."""
-    out: dict[tuple, GpuPeriod] = {}
-    for host_id, uuid, g, seg, busy, held, free in state_sums(store, periods, host_filter):
-        key = (host_id, uuid, int(g), int(seg))
-        out[key] = GpuPeriod(host_id, uuid, (int(g), int(seg)), StateMs(float(busy), float(held), float(free)))
-    expected, status = coverage.expectations(store, periods.since, periods.until, now_ms, rules, host_filter)
-    edges, keys = periods.pieces()
-    for (host_id, uuid), e in expected.items():
-        per_piece = e.per_period(edges)
-        exp: dict[tuple[int, int], int] = {}
-        for k, ms in zip(keys, per_piece.tolist(), strict=True):
-            if ms:
-                exp[k] = exp.get(k, 0) + ms
-        for k, ms in exp.items():
-            gp = out.get((host_id, uuid, *k))
-            if gp is None:
-                gp = out[(host_id, uuid, *k)] = GpuPeriod(host_id, uuid, k)
-            gp.covered.unmonitored = max(0.0, ms - gp.covered.monitored)
+    t, status = gpu_period_table(store, periods, now_ms, rules, host_filter)
+    cols = [t.column(n).to_pylist() for n in ("host_id", "gpu_uuid", "grid", "seg", "active", "idle_held",
+                                              "idle_free", "unmonitored")]
+    out = {(h, u, g, s): GpuPeriod(h, u, (g, s), StateMs(a, ih, f, um))
+           for h, u, g, s, a, ih, f, um in zip(*cols, strict=True)}
     return out, status
 
 

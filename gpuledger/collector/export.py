@@ -10,6 +10,7 @@ Quantities are GPU-hours; x_GpuState is active, idle_held, idle_free or unmonito
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 
@@ -52,8 +53,14 @@ class ExportError(ValueError):
     pass
 
 
+@functools.lru_cache(maxsize=65536)
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@functools.lru_cache(maxsize=65536)
+def _ts(iso: str) -> datetime:
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def _month_bounds(ms: int) -> tuple[int, int]:
@@ -90,6 +97,7 @@ def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granulari
                               lambda h: f"{h.host_id}{_SEP}{{}}", by_period=True)
     source = "; ".join(dict.fromkeys(pricing.sources))
     out = []
+    tags_text: dict[str, str] = {}  # one Tags value per label, not per row
     grouped: dict[tuple, dict] = {}
     for (lbl, key), tally in acc.items():  # several price segments of one grid period are one charge period
         grouped.setdefault((key[0], lbl), {})[key] = tally
@@ -99,7 +107,9 @@ def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granulari
         bill_start, bill_end = _month_bounds(a)
         host_id, _, tags_json = lbl.partition(_SEP)
         h = hosts.get(host_id) or HostRecord(host_id)
-        tags = {**h.tags, **json.loads(tags_json or "{}")}
+        if lbl not in tags_text:
+            tags_text[lbl] = json.dumps({**h.tags, **json.loads(tags_json or "{}")}, sort_keys=True,
+                                        ensure_ascii=False)
         account = billing_account(h)
         for state in allocation.STATES:
             ms = sum(getattr(t.ms, state) for t in parts.values())
@@ -128,7 +138,7 @@ def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granulari
                 "ServiceCategory": "Compute", "ServiceSubcategory": "Virtual Machines",
                 "ServiceName": "GPU compute", "SkuId": h.instance_type or None,
                 "SubAccountId": None, "SubAccountName": None,
-                "Tags": json.dumps(tags, sort_keys=True, ensure_ascii=False),
+                "Tags": tags_text[lbl],
                 "x_GpuState": state,
                 "x_AllocationMethod": ",".join(sorted(set().union(*(t.method for t in parts.values())))) or "unpriced",
                 "x_PriceSource": source,
@@ -143,7 +153,6 @@ def focus_table(rows: list[dict]) -> pa.Table:
     for f in FOCUS_SCHEMA:
         values = [r.get(f.name) for r in rows]
         if f.type == _TS:
-            values = [None if v is None else datetime.strptime(v, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-                      for v in values]
+            values = [None if v is None else _ts(v) for v in values]
         cols[f.name] = pa.array(values, f.type)
     return pa.table(cols, schema=FOCUS_SCHEMA)

@@ -13,6 +13,7 @@ monitored time), the definition of `mean_util_pct` in the idle report.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from gpuledger.collector import allocation
@@ -50,40 +51,41 @@ def heatmap_table(store: Store, since: int, until: int, by: str, filters: dict, 
         raise HeatmapError(f"range: more than {MAX_CELLS_PER_SERIES} cells per {by}; raise filters.step_hours or "
                            "narrow since/until")
     periods = Periods(since, until, grid_start, step_ms, ())  # no price segments: time only
-    gps, _status = allocation.gpu_periods(store, periods, now_ms, rules, filters.get("host", ""))
-    cells: dict[tuple, list[float]] = {}
-    gpus_in: dict[tuple, set] = {}
-    for (host_id, uuid, g, _seg), gp in gps.items():
-        key = (host_id, uuid, g) if by == "gpu" else (host_id, "", g)
-        acc = cells.get(key)
-        if acc is None:
-            acc = cells[key] = [0.0, 0.0, 0.0, 0.0]
-        c = gp.covered
-        acc[0] += c.active
-        acc[1] += c.idle_held
-        acc[2] += c.idle_free
-        acc[3] += c.unmonitored
-        gpus_in.setdefault(key, set()).add(uuid)
-    index = _gpu_index(store, filters.get("host", "")) if by == "gpu" else {}
-    keys = sorted(cells)
-    starts = [max(since, grid_start + g * step_ms) for _, _, g in keys]
-    ends = [min(until, grid_start + (g + 1) * step_ms) for _, _, g in keys]
-    vals = [cells[k] for k in keys]
-    util = [100.0 * v[0] / (v[0] + v[1] + v[2]) if (v[0] + v[1] + v[2]) > 0 else None for v in vals]
-    cols = {"host": pa.array([k[0] for k in keys], pa.string()).dictionary_encode()}
+    t, _status = allocation.gpu_period_table(store, periods, now_ms, rules, filters.get("host", ""))
+    keys = ["host_id", "gpu_uuid", "grid"] if by == "gpu" else ["host_id", "grid"]
+    aggs = [(c, "sum") for c in ("active", "idle_held", "idle_free", "unmonitored")]
+    if by == "host":
+        aggs.append(("gpu_uuid", "count_distinct"))
+    cells = t.group_by(keys).aggregate(aggs).sort_by([(k, "ascending") for k in keys])
+    grid = cells.column("grid").to_numpy()
+    starts = np.maximum(since, grid_start + grid * step_ms)
+    ends = np.minimum(until, grid_start + (grid + 1) * step_ms)
+    active, held, free, unmon = (cells.column(f"{c}_sum").to_numpy() for c in ("active", "idle_held", "idle_free",
+                                                                               "unmonitored"))
+    monitored = active + held + free
+    with np.errstate(invalid="ignore", divide="ignore"):
+        util = np.where(monitored > 0, 100.0 * active / np.where(monitored > 0, monitored, 1), np.nan)
+    cols = {"host": cells.column("host_id").dictionary_encode()}
     if by == "gpu":
-        cols["gpu_uuid"] = pa.array([k[1] for k in keys], pa.string()).dictionary_encode()
-        cols["gpu_index"] = pa.array([index.get((k[0], k[1])) for k in keys], pa.int32())
+        index = _gpu_index(store, filters.get("host", ""))
+        cols["gpu_uuid"] = cells.column("gpu_uuid").dictionary_encode()
+        pairs = pa.table({"h": cells.column("host_id"), "u": cells.column("gpu_uuid")}).group_by(["h", "u"]) \
+            .aggregate([])
+        idx_of = {(h, u): index.get((h, u)) for h, u in zip(pairs.column("h").to_pylist(),
+                                                            pairs.column("u").to_pylist(), strict=True)}
+        cols["gpu_index"] = pa.array([idx_of[(h, u)] for h, u in zip(cells.column("host_id").to_pylist(),
+                                                                     cells.column("gpu_uuid").to_pylist(),
+                                                                     strict=True)], pa.int32())
     else:
-        cols["gpus"] = pa.array([len(gpus_in[k]) for k in keys], pa.int32())
+        cols["gpus"] = cells.column("gpu_uuid_count_distinct").cast(pa.int32())
     cols.update({
         "start_ms": pa.array(starts, pa.int64()),
         "end_ms": pa.array(ends, pa.int64()),
-        "active_ms": pa.array([v[0] for v in vals], pa.float64()),
-        "idle_held_ms": pa.array([v[1] for v in vals], pa.float64()),
-        "idle_free_ms": pa.array([v[2] for v in vals], pa.float64()),
-        "unmonitored_ms": pa.array([v[3] for v in vals], pa.float64()),
-        "util_pct": pa.array(util, pa.float64()),
+        "active_ms": pa.array(active, pa.float64()),
+        "idle_held_ms": pa.array(held, pa.float64()),
+        "idle_free_ms": pa.array(free, pa.float64()),
+        "unmonitored_ms": pa.array(unmon, pa.float64()),
+        "util_pct": pa.array(util, pa.float64(), from_pandas=True),
     })
     return pa.table(cols)
 
