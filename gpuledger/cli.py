@@ -11,6 +11,7 @@ import typer
 from gpuledger import __version__
 from gpuledger.agent.cli import app as agent_app
 from gpuledger.collector import cli as collector_cli
+from gpuledger.collector import cli_finance
 
 app = typer.Typer(help="gpuledger: what your GPUs cost, and how much of that is idle.", no_args_is_help=True,
                   add_completion=False)
@@ -22,6 +23,7 @@ app.command()(collector_cli.pricing)
 export_app = typer.Typer(help="Export cost and usage for other tools.", no_args_is_help=True)
 export_app.command("focus")(collector_cli.export_focus)
 app.add_typer(export_app, name="export")
+cli_finance.register(app, collector_cli.app)
 
 
 @app.callback()
