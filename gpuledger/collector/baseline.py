@@ -290,7 +290,7 @@ def baseline_document(store: Store, pricing, since: int, until: int, now_ms: int
     bill_total = sum(g.cost for g in groups)
     bill_gpu_cost = sum(i.cost for i in instances)
     unbilled = {h: c for h, c in host_cost.items() if h not in watched_hosts}
-    unbilled_cost = sum(unbilled.values()) if has_bill else 0.0
+    unbilled_cost = float(sum(unbilled.values())) if has_bill else 0.0
     gpu_instance_cost = bill_gpu_cost + unbilled_cost if has_bill else telemetry_cost
     ai_service_cost = sum(g.cost for g in groups if g.kind == "ai_service")
     currencies |= {g.currency for g in groups if g.currency}
@@ -304,6 +304,12 @@ def baseline_document(store: Store, pricing, since: int, until: int, now_ms: int
 
     total = bill_total + api_cost + unbilled_cost if has_bill else None
     ai_cost = gpu_instance_cost + ai_service_cost + api_cost
+    ai_share = _div(ai_cost, total) if total is not None and total > 0 else None
+    if total is not None and total <= 0:
+        missing.append(f"the total is not positive ({total:,.2f}: credits exceed the charges of the range): no AI share")
+    elif ai_share is not None and ai_share > 1:
+        missing.append("AI cost exceeds the total: credits or refunds the bill does not tie to AI resources lower the "
+                       "total below it")
 
     # --- classification of what the telemetry does not cover
     for inst in instances:
@@ -385,7 +391,7 @@ def baseline_document(store: Store, pricing, since: int, until: int, now_ms: int
 
     q = [
         {"id": "ai_spend", "question": "What do we spend on AI, and what share of the cloud bill is it?",
-         "answer": {"total_cloud_cost": total, "ai_cost": ai_cost, "ai_share": _div(ai_cost, total),
+         "answer": {"total_cloud_cost": total, "ai_cost": ai_cost, "ai_share": ai_share,
                     "gpu_instance_cost": gpu_instance_cost, "ai_service_cost": ai_service_cost,
                     "api_cost": api_cost, "unbilled_gpu_cost": unbilled_cost},
          "method": f"bill rows in the range ({basis} cost, prorated by charge period), sorted into GPU instances, AI "
