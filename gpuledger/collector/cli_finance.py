@@ -347,8 +347,10 @@ def baseline(
         table, _ = fetch_report(collector, "baseline", since_ms, until_ms, "", {"basis": basis}, token=token,
                                 credentials=creds)
     except grpc.RpcError as e:
-        typer.echo(f"gpuledger: collector at {collector}: {e.code().name}: {e.details()}", err=True)
-        raise typer.Exit(2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1) from e
+        hint = "; the collector is older than this client (no baseline report): upgrade it" \
+            if "unknown report 'baseline'" in (e.details() or "") else ""
+        typer.echo(f"gpuledger: collector at {collector}: {e.code().name}: {e.details()}{hint}", err=True)
+        raise typer.Exit(2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT and not hint else 1) from e
     doc = json.loads(table.column("document")[0].as_py())
     if fmt == "json":
         typer.echo(json.dumps(doc, indent=1))

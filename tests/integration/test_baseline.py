@@ -284,3 +284,22 @@ def _without_a_bill(collector, tmp_path):
     assert doc["ai_cost"] == pytest.approx(doc["gpu_instance_cost"])
     assert doc["training_util_pct"] is not None and doc["endpoint_up_hours"] > 0
     assert {r["price_method"] for r in idle.to_pylist()} == {"instance_price/gpu_count"}
+
+
+def test_demo_finance_imports_the_simulated_bill_and_answers(fleet, tmp_path):
+    from gpuledger.demo_finance import demo_instance_ids, import_demo_finance
+
+    store = Store(f"chdb://{fleet[-1] / 'chdb'}", StoreOptions(database="gl_demo"))
+    collector = Collector(store, Pricing.default(), listen="127.0.0.1:0")
+    collector.start()
+    try:
+        run = run_fleet(collector.address, tmp_path / "spool", 2, 1.0, seed=5, instance_ids=demo_instance_ids(2, 5))
+        demo = import_demo_finance(collector.address, run, tmp_path / "finance", seed=5)
+        ghost = next(b for b in demo.bill.hosts if not b.has_agent)
+        assert demo.baseline["unwatched_gpu_instances"] == [ghost.resource_id]
+        assert demo.bill_rows == len(demo.bill.rows) and demo.api_rows > 0
+        assert "2 of 3 billed GPU instance(s) matched to agents" in demo.baseline["questions"][1]["rests_on"]
+        assert "What do we spend on AI" in demo.text
+    finally:
+        collector.stop(grace_s=1)
+        store.close()
