@@ -67,6 +67,8 @@ KINDS = {"bill": ("bill_rows", BILL_SCHEMA), "api_spend": ("api_spend_rows", API
 MAX_CHUNK_ROWS = 2_000_000
 MAX_SLICES = 200_000
 MAX_REFUSALS_KEPT = 1000  # per import, in the reply (every refused row is counted)
+FLUSH_ROWS = 262_144  # rows gathered before one insert (fewer, larger inserts; memory stays bounded)
+FLUSH_BYTES = 64 << 20
 HOST_TAG = "gpuledger_host"  # a bill tag naming the agent's host_id of an instance
 HOUR_UNITS = ("hours", "hour", "hrs", "hr", "h", "instance-hours", "instance hours")
 MS_PER_HOUR = 3_600_000.0
@@ -118,6 +120,9 @@ class Importer:
         self.warnings: list[str] = []
         self.rows_stored = 0
         self.inserted = False
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
 
     # -- checks
     def _refuse_row(self, file: str, line: int, column: str, value, message: str) -> None:
@@ -138,6 +143,9 @@ class Importer:
         for f in schema:
             if f.name in table.column_names:
                 col = table.column(f.name)
+                if pa.types.is_dictionary(col.type) and col.type.value_type == f.type:
+                    cols.append(col)  # a dictionary-encoded text column: stored as it is (LowCardinality-friendly)
+                    continue
                 if col.type != f.type:
                     try:
                         col = col.cast(f.type)
@@ -150,7 +158,8 @@ class Importer:
                 raise ImportRefused(f"{file}: column {f.name} is missing; this collector needs it (a client older "
                                     "than the collector's schema? upgrade the client)")
             cols.append(col)
-        return pa.Table.from_arrays(cols, schema=pa.schema([f.with_nullable(True) for f in schema]))
+        return pa.Table.from_arrays(cols, schema=pa.schema([f.with_nullable(True).with_type(c.type)
+                                                            for f, c in zip(schema, cols, strict=True)]))
 
     def _row_checks(self, t: pa.Table, schema: pa.Schema, file: str) -> np.ndarray:
         """Rows that can be stored; every other row is refused with its line and column."""
@@ -167,17 +176,18 @@ class Importer:
             reasons.append((_mask(pc.and_(pc.is_valid(col), pc.invert(pc.is_finite(col)))), name, col,
                             "not a finite amount"))
         if self.kind == "bill":
-            period = t.column("billing_period")
+            period = _plain(t.column("billing_period"))
             reasons.append((_mask(pc.invert(pc.fill_null(pc.match_substring_regex(period, _PERIOD.pattern), True))),
                             "billing_period", period, "not YYYY-MM"))
-            want = pc.binary_join_element_wise(t.column("provider"), t.column("billing_account_id"), period, "|")
+            want = pc.binary_join_element_wise(_plain(t.column("provider")), _plain(t.column("billing_account_id")),
+                                               period, "|")
         else:
             day = pc.strftime(pc.cast(t.column("bucket_start_ms"), pa.timestamp("ms", tz="UTC")), "%Y-%m-%d")
-            want = pc.binary_join_element_wise(t.column("vendor"), t.column("endpoint"), day, "|")
+            want = pc.binary_join_element_wise(_plain(t.column("vendor")), _plain(t.column("endpoint")), day, "|")
             ends = t.column("bucket_end_ms")
             reasons.append((_mask(pc.less(ends, t.column("bucket_start_ms"))), "bucket_end_ms", ends,
                             "before bucket_start_ms"))
-        key = t.column("slice_key")
+        key = _plain(t.column("slice_key"))
         reasons.append((_mask(pc.and_(pc.is_valid(want), pc.not_equal(key, want))), "slice_key", key,
                         "does not match the row's own " + ("provider|billing_account_id|billing_period"
                                                             if self.kind == "bill" else "vendor|endpoint|day")))
@@ -221,11 +231,11 @@ class Importer:
         if body.num_rows == 0:
             return
         t = self._conform(body, schema, file)
-        keys = pc.unique(t.column("slice_key").drop_null()).to_pylist()
+        keys = pc.unique(_plain(t.column("slice_key")).drop_null()).to_pylist()
         undeclared = [k for k in keys if k not in self.declared]
         if undeclared:
             raise ImportRefused(f"{file}: slice_key {undeclared[0]!r} of a row is not among the chunk's slice_keys")
-        names = pc.unique(t.column("source_file").drop_null()).to_pylist()
+        names = pc.unique(_plain(t.column("source_file")).drop_null()).to_pylist()
         if any(n != file for n in names):
             raise ImportRefused(f"{file}: source_file {next(n for n in names if n != file)!r} differs from the "
                                 "chunk's file_name")
@@ -236,17 +246,31 @@ class Importer:
         if t.num_rows == 0:
             return
         t = t.append_column("import_id", pa.array(np.full(t.num_rows, self.import_id, np.int64)))
-        self.inserted = True
-        self.store.insert_table(table_name, t)
+        self._pending.append(t)
+        self._pending_rows += t.num_rows
+        self._pending_bytes += t.nbytes
+        if self._pending_rows >= FLUSH_ROWS or self._pending_bytes >= FLUSH_BYTES:
+            self._flush()
         tally.stored += t.num_rows
         self.rows_stored += t.num_rows
-        counts = pc.value_counts(t.column("slice_key")).to_pylist()
+        counts = pc.value_counts(_plain(t.column("slice_key"))).to_pylist()
         for c in counts:
             self.slice_rows[c["values"]] += int(c["counts"])
             self.slice_files[c["values"]].add(file)
 
+    def _flush(self) -> None:
+        """Insert the rows gathered so far (chunks with different dictionaries are unified first)."""
+        if not self._pending:
+            return
+        parts, self._pending = self._pending, []
+        self._pending_rows = self._pending_bytes = 0
+        self.inserted = True
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
+        self.store.insert_table(KINDS[self.kind][0], table.unify_dictionaries().combine_chunks())
+
     def commit(self) -> pb.ImportReply:
         """Make the import count: its slices now read from it alone."""
+        self._flush()
         slices = sorted(self.slice_rows)
         if slices:
             self.store.insert_table("import_slices", pa.table({
@@ -265,6 +289,7 @@ class Importer:
 
     def abort(self) -> None:
         """Forget the rows of an import that did not finish (they never counted)."""
+        self._pending = []
         if self.inserted and self.kind:
             self._mutate(f"import_id = {int(self.import_id)}")
 
@@ -281,6 +306,13 @@ class Importer:
                                {"mutations_sync": 0})
         except StoreError as e:  # rows no import_slices row points at never count: cleaning up can wait
             log.warning("import %d: removing replaced rows failed (they do not count): %s", self.import_id, e)
+
+
+def _plain(col):
+    """A dictionary-encoded column as plain values (for computing checks on it)."""
+    if pa.types.is_dictionary(col.type):
+        return col.cast(col.type.value_type)
+    return col
 
 
 def _mask(b) -> np.ndarray:

@@ -56,10 +56,17 @@ def _pieces(table: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
         yield table.slice(a, per)
 
 
+def _dictionary(piece: pa.Table) -> pa.Table:
+    """Text columns dictionary-encoded: bills repeat their values heavily, so the body is about half the
+    size and the store takes it faster."""
+    cols = [pc.dictionary_encode(c) if pa.types.is_string(c.type) else c for c in piece.columns]
+    return pa.table(cols, names=piece.column_names)
+
+
 def _chunk(kind: str, file_name: str, piece: pa.Table | None, issues=(), refused: int = 0) -> pb.ImportChunk:
     keys = sorted(pc.unique(piece.column("slice_key")).to_pylist()) if piece is not None else []
-    return pb.ImportChunk(kind=kind, file_name=file_name, arrow=to_ipc(piece) if piece is not None else b"",
-                          slice_keys=keys, issues=list(issues), refused_rows=refused)
+    return pb.ImportChunk(kind=kind, file_name=file_name, arrow=to_ipc(_dictionary(piece)) if piece is not None
+                          else b"", slice_keys=keys, issues=list(issues), refused_rows=refused)
 
 
 def _file_chunks(path: Path, catalog, batch_rows: int, piece_bytes: int, warnings: list | None):

@@ -106,13 +106,23 @@ def test_each_format_imports_to_the_totals_of_its_file(collector, tmp_path):
     reply = import_bills(addr, [parquet], batch_rows=50)
     assert sorted(reply.slices_replaced) == sorted({str(s) for s in _slices(table)})
     _approx(_stored(store)[parquet.name], want)
+    # FOCUS 1.1: the same rows with a column 1.1 added (ServiceSubcategory)
+    v11 = tmp_path / "focus-1.1-sample.csv"
+    with open(FOCUS10, newline="") as fh, open(v11, "w", newline="") as out:
+        reader = csv.DictReader(fh)
+        w = csv.DictWriter(out, fieldnames=[*reader.fieldnames, "ServiceSubcategory"], lineterminator="\n")
+        w.writeheader()
+        w.writerows({**r, "ServiceSubcategory": "Other (Compute)"} for r in reader)
+    import_bills(addr, [v11])
+    assert store.query_rows(f"SELECT DISTINCT format FROM {current_sql(store, 'bill')}") == [("focus-1.1",)]
+    _approx(_stored(store)[v11.name], want)
     # AWS CUR legacy, a real anonymized sample: other slices, so the FOCUS rows stay
     rows = _csv(CUR_SAMPLE)
     cur_billed = sum(_num(r["lineItem/UnblendedCost"]) for r in rows)
     import_bills(addr, [CUR_SAMPLE])
     got = _stored(store)
     _approx(got[CUR_SAMPLE.name], (160, cur_billed, cur_billed))
-    _approx(got[parquet.name], want)
+    _approx(got[v11.name], want)
     # CUR legacy GPU rows, then the same rows as CUR 2.0 Parquet: the second replaces the first
     gpu_rows = _csv(CUR_GPU)
     gpu_billed = sum(_num(r["lineItem/UnblendedCost"]) for r in gpu_rows)

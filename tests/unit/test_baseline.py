@@ -153,8 +153,15 @@ def test_the_store_columns_are_the_parsers_schemas(store):
         assert cols == [*schema.names, "import_id"]
 
 
-def test_host_facts_carry_the_instance_id():
-    cfg = AgentConfig(host_id="h", provider="aws", instance_id="i-0abc")
-    gpus = SimulatedSource("h", "T4", [SimGpu("idle")], 0).gpus()
-    assert host_facts(cfg, gpus).instance_id == "i-0abc"
-    assert host_facts(replace(cfg, instance_id=""), gpus, instance_id="i-0found").instance_id == "i-0found"
+def test_host_facts_carry_the_instance_id(tmp_path):
+    from gpuledger.agent.runtime import Agent
+    from gpuledger.agent.spool import Spool
+    from gpuledger.clock import SimClock
+
+    cfg = AgentConfig(host_id="h", provider="aws", instance_id="i-0abc", spool_dir=str(tmp_path / "spool"))
+    src = SimulatedSource("h", "T4", [SimGpu("idle")], 0)
+    assert host_facts(cfg, src.gpus()).instance_id == "i-0abc"
+    assert host_facts(replace(cfg, instance_id=""), src.gpus(), instance_id="i-0found").instance_id == "i-0found"
+    # the agent puts it in every batch's host facts (from the config: the metadata service is not asked)
+    agent = Agent(cfg, src, SimClock(10_000_000_000), Spool(cfg.spool_dir, fsync=False))
+    assert agent.host.instance_id == "i-0abc"
