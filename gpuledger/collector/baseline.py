@@ -124,45 +124,71 @@ class EndpointHours:
         return 1.0 - self.serving_ms / self.up_ms if self.up_ms else None
 
 
+_ENDPOINT_PROCS = """(SELECT host_id, pid, start_ms, any(tags['endpoint']) AS endpoint FROM {db}.processes
+                     WHERE tags['endpoint'] != '' GROUP BY host_id, pid, start_ms)"""
+
+
 def endpoint_hours(store: Store, since: int, until: int, min_active: float = SERVING_MIN_ACTIVE) -> EndpointHours:
     """Up and serving GPU time of inference endpoints (see question 5), from the raw process windows of
-    processes with the `endpoint` tag, each matched (as of its start) to the endpoint's own window of
-    request counts on the same host. A window of the process is serving when that endpoint window
-    counted requests, or when the process was active at least `min_active` of its GPU time there."""
+    processes with the `endpoint` tag. A window of the process is serving when its endpoint's own window
+    of request counts on the same host (the one it starts in) counted requests, or, where no such window
+    covers it, when the process was active at least `min_active` of its GPU time there.
+
+    Two passes: every process's windows summed per process first (up time and time active above the
+    threshold: one grouping, no per-window join), then, only on hosts whose inference servers reported
+    request counts in the range, the windows those counts cover, re-decided by the counts."""
     db = store.db
-    counted = "(w.window_start_ms < e.window_start_ms + e.window_ms)"
-    by_req = f"({counted} AND e.requests > 0)"
+    params = {"since": since, "until": until, "thr": float(min_active)}
+    active_rule = "active_attr_us >= {thr:Float64} * (active_attr_us + held_attr_us)"
     rows = store.report_rows(
-        f"""SELECT w.endpoint, sum(w.t), sumIf(w.t, {by_req}), sumIf(w.t, {by_req} OR w.active >= {{thr:Float64}} * w.t),
-                   sumIf(w.t, {counted})
-            FROM (
-                SELECT toString(pw.host_id) AS host_id, p.endpoint AS endpoint, pw.window_start_ms AS window_start_ms,
-                       toFloat64(pw.active_attr_us) AS active, toFloat64(pw.active_attr_us + pw.held_attr_us) AS t
-                FROM (SELECT host_id, pid, proc_start_ms, window_start_ms, active_attr_us, held_attr_us
-                      FROM {db}.proc_windows FINAL
-                      WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}
-                        AND (host_id, pid, proc_start_ms) IN (SELECT host_id, pid, start_ms FROM {db}.processes
-                                                              WHERE tags['endpoint'] != '')) AS pw
-                INNER JOIN (SELECT host_id, pid, start_ms, any(tags['endpoint']) AS endpoint FROM {db}.processes
-                            WHERE tags['endpoint'] != '' GROUP BY host_id, pid, start_ms) AS p
-                    ON pw.host_id = p.host_id AND pw.pid = p.pid AND pw.proc_start_ms = p.start_ms) AS w
-            ASOF LEFT JOIN (
-                SELECT toString(host_id) AS host_id, toString(endpoint) AS endpoint, window_start_ms,
-                       window_ms, requests
-                FROM {db}.endpoint_windows FINAL
-                WHERE window_start_ms >= {{since:Int64}} - 3600000 AND window_start_ms < {{until:Int64}}) AS e
-                ON w.host_id = e.host_id AND w.endpoint = e.endpoint AND w.window_start_ms >= e.window_start_ms
-            GROUP BY w.endpoint
-            SETTINGS join_use_nulls = 0""",
-        {"since": since, "until": until, "thr": float(min_active)})
+        f"""SELECT p.endpoint, sum(a.t), sum(a.s) FROM (
+                SELECT host_id, pid, proc_start_ms, sum(active_attr_us + held_attr_us) AS t,
+                       sumIf(active_attr_us + held_attr_us, {active_rule}) AS s
+                FROM {db}.proc_windows FINAL
+                WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}
+                GROUP BY host_id, pid, proc_start_ms) AS a
+            INNER JOIN {_ENDPOINT_PROCS.format(db=db)} AS p
+                ON a.host_id = p.host_id AND a.pid = p.pid AND a.proc_start_ms = p.start_ms
+            GROUP BY p.endpoint""", params)
     out = EndpointHours(endpoints={})
-    for endpoint, up, by_req, serving, counted in rows:
-        out.endpoints[endpoint] = {"up_hours": float(up) / 1000 / MS_PER_HOUR,
-                                   "serving_hours": float(serving) / 1000 / MS_PER_HOUR}
-        out.up_ms += float(up) / 1000
-        out.serving_ms += float(serving) / 1000
-        out.by_requests_ms += float(by_req) / 1000
-        out.with_counts_ms += float(counted) / 1000
+    ep: dict[str, list[float]] = {e: [float(up), float(act)] for e, up, act in rows}
+    counted_hosts = [r[0] for r in store.report_rows(
+        f"""SELECT DISTINCT toString(host_id) FROM {db}.endpoint_windows
+            WHERE window_start_ms >= {{since:Int64}} - 3600000 AND window_start_ms < {{until:Int64}}""", params)]
+    if counted_hosts:
+        covered = "(w.window_start_ms < e.window_start_ms + e.window_ms)"
+        by_req = f"({covered} AND e.requests > 0)"
+        act = "w.active >= {thr:Float64} * w.t"
+        for endpoint, t_cov, act_cov, req, serving_cov in store.report_rows(
+                f"""SELECT w.endpoint, sumIf(w.t, {covered}), sumIf(w.t, {covered} AND {act}), sumIf(w.t, {by_req}),
+                           sumIf(w.t, {covered} AND ({by_req} OR {act}))
+                    FROM (
+                        SELECT toString(pw.host_id) AS host_id, p.endpoint AS endpoint,
+                               pw.window_start_ms AS window_start_ms, toFloat64(pw.active_attr_us) AS active,
+                               toFloat64(pw.active_attr_us + pw.held_attr_us) AS t
+                        FROM (SELECT host_id, pid, proc_start_ms, window_start_ms, active_attr_us, held_attr_us
+                              FROM {db}.proc_windows FINAL
+                              WHERE host_id IN {{hosts:Array(String)}} AND window_start_ms >= {{since:Int64}}
+                                AND window_start_ms < {{until:Int64}}) AS pw
+                        INNER JOIN {_ENDPOINT_PROCS.format(db=db)} AS p
+                            ON pw.host_id = p.host_id AND pw.pid = p.pid AND pw.proc_start_ms = p.start_ms) AS w
+                    ASOF LEFT JOIN (
+                        SELECT toString(host_id) AS host_id, toString(endpoint) AS endpoint, window_start_ms,
+                               window_ms, requests
+                        FROM {db}.endpoint_windows FINAL
+                        WHERE host_id IN {{hosts:Array(String)}} AND window_start_ms >= {{since:Int64}} - 3600000
+                          AND window_start_ms < {{until:Int64}}) AS e
+                        ON w.host_id = e.host_id AND w.endpoint = e.endpoint AND w.window_start_ms >= e.window_start_ms
+                    GROUP BY w.endpoint
+                    SETTINGS join_use_nulls = 0""", {**params, "hosts": counted_hosts}):
+            e = ep.setdefault(endpoint, [0.0, 0.0])
+            e[1] += float(serving_cov) - float(act_cov)  # covered windows: decided by the counts instead
+            out.by_requests_ms += float(req) / 1000
+            out.with_counts_ms += float(t_cov) / 1000
+    for endpoint, (up, serving) in ep.items():
+        out.endpoints[endpoint] = {"up_hours": up / 1000 / MS_PER_HOUR, "serving_hours": serving / 1000 / MS_PER_HOUR}
+        out.up_ms += up / 1000
+        out.serving_ms += serving / 1000
     return out
 
 
