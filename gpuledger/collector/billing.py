@@ -273,6 +273,7 @@ class Importer:
         self._flush()
         slices = sorted(self.slice_rows)
         if slices:
+            self._warn_dropped_parts(slices)
             self.store.insert_table("import_slices", pa.table({
                 "kind": pa.array([self.kind] * len(slices)), "slice_key": pa.array(slices),
                 "import_id": pa.array([self.import_id] * len(slices), pa.int64()),
@@ -286,6 +287,24 @@ class Importer:
                                        refusals=[r for r in self.refusals if r.file == name]))
         return pb.ImportReply(rows_stored=self.rows_stored, slices_replaced=slices, files=files,
                               warnings=self.warnings, import_id=self.import_id)
+
+    def _warn_dropped_parts(self, slices: list[str]) -> None:
+        """Say so when a slice was last imported from files this import does not hold: their rows of that
+        slice stop counting (the parts of one delivery belong in one import)."""
+        rows = self.store.query_rows(
+            f"""SELECT slice_key, argMax(files, import_id) FROM {self.store.db}.import_slices
+                WHERE kind = {{kind:String}} AND slice_key IN {{slices:Array(String)}} GROUP BY slice_key""",
+            {"kind": self.kind, "slices": slices})
+        mine = set(self.files)
+        gone: dict[tuple, list[str]] = defaultdict(list)
+        for key, files in rows:
+            missing = tuple(sorted(set(files) - mine))
+            if missing:
+                gone[missing].append(key)
+        for files, keys in gone.items():
+            self.warnings.append(f"{len(keys)} slice(s) ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}) were "
+                                 f"last imported from {', '.join(files[:5])}, not in this import: their rows there no "
+                                 "longer count (import all parts of one delivery together)")
 
     def abort(self) -> None:
         """Forget the rows of an import that did not finish (they never counted)."""

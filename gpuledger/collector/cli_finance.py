@@ -56,6 +56,16 @@ def _pieces(table: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
         yield table.slice(a, per)
 
 
+def _twice(paths: list[Path]) -> str | None:
+    seen: set[Path] = set()
+    for p in paths:
+        r = p.resolve()
+        if r in seen:
+            return str(p)
+        seen.add(r)
+    return None
+
+
 def _dictionary(piece: pa.Table) -> pa.Table:
     """Text columns dictionary-encoded: bills repeat their values heavily, so the body is about half the
     size and the store takes it faster."""
@@ -98,11 +108,15 @@ def bill_chunks(paths: Iterable[str | Path], catalog=None, batch_rows: int = 65_
     """ImportChunks of one bill delivery, file by file, read in batches (bills.read_bills). Issues the
     parser finds travel with the file's chunks; warnings (rows imported with a field emptied) are also
     appended to `warnings`."""
-    from gpuledger.collector.bills import GpuCatalog
+    from gpuledger.collector.bills import BillError, GpuCatalog
 
     catalog = catalog or GpuCatalog.default()
+    paths = [Path(p) for p in paths]
+    twice = _twice(paths)
+    if twice:
+        raise BillError(f"{twice}: given twice in one import (its rows would count twice)")
     last = ""
-    for path in map(Path, paths):
+    for path in paths:
         yield from _file_chunks(path, catalog, batch_rows, piece_bytes, warnings)
         last = path.name
     yield pb.ImportChunk(kind="bill", file_name=last or "-", final=True)
@@ -116,6 +130,9 @@ def api_spend_chunks(paths: list[str | Path], provider: str, mapping: str | None
     """ImportChunks of API spend files (apispend.read_api_spend), checked to come from `provider`."""
     from gpuledger.collector.apispend import ApiSpendError, read_api_spend
 
+    twice = _twice([Path(p) for p in paths])
+    if twice:
+        raise ApiSpendError(f"{twice}: given twice in one import (its rows would count twice)")
     table, reader = read_api_spend([Path(p) for p in paths], mapping, prices)
     if provider:
         other = pc.not_equal(table.column("vendor"), provider)

@@ -197,6 +197,15 @@ def test_reimport_and_a_newer_export_replace_and_never_double(collector, tmp_pat
     assert total() == pytest.approx(whole)
     import_bills(addr, [part1, part2])
     assert total() == pytest.approx(whole)
+    with pytest.raises(BillError, match="cur-00001.csv: given twice in one import"):
+        import_bills(addr, [part1, part2, part1])
+    # one part alone replaces the delivery's slice: it says so (and the other part's rows stop counting)
+    reply = import_bills(addr, [part2])
+    assert reply.warnings == ["1 slice(s) (aws|123412340534|2023-11) were last imported from cur-00001.csv, not in "
+                              "this import: their rows there no longer count (import all parts of one delivery "
+                              "together)"]
+    import_bills(addr, [part1, part2])
+    assert total() == pytest.approx(whole)
     import_bills(addr, [FOCUS10])
     focus = _focus_totals(FOCUS10)[1]
     assert total() == pytest.approx(whole + focus)
