@@ -318,6 +318,12 @@ def baseline_document(store: Store, pricing, since: int, until: int, now_ms: int
     unbilled = {h: c for h, c in host_cost.items() if h not in watched_hosts}
     unbilled_cost = float(sum(unbilled.values())) if has_bill else 0.0
     gpu_instance_cost = bill_gpu_cost + unbilled_cost if has_bill else telemetry_cost
+    no_id = sorted(h for h in unbilled if has_bill and not (hosts.get(h) and hosts[h].instance_id)
+                   and (hosts.get(h) and hosts[h].provider in ("aws", "gcp", "azure")))
+    if no_id and unwatched:
+        missing.append(f"{len(no_id)} cloud host(s) report no instance id ({', '.join(no_id[:5])}): they cannot be "
+                       "matched to the bill, so their cost counts as unbilled and their instances as unwatched (perhaps "
+                       "twice); set agent.instance_id or let the agent reach the metadata service")
     ai_service_cost = sum(g.cost for g in groups if g.kind == "ai_service")
     currencies |= {g.currency for g in groups if g.currency}
 

@@ -303,3 +303,31 @@ def test_demo_finance_imports_the_simulated_bill_and_answers(fleet, tmp_path):
     finally:
         collector.stop(grace_s=1)
         store.close()
+
+
+def test_hosts_match_by_instance_id_else_by_bill_tag_else_are_named(fleet, tmp_path):
+    from gpuledger.demo_finance import demo_instance_ids
+
+    store = Store(f"chdb://{fleet[-1] / 'chdb'}", StoreOptions(database="gl_noid"))
+    collector = Collector(store, Pricing.default(), listen="127.0.0.1:0")
+    collector.start()
+    try:
+        ids = demo_instance_ids(2, 5)
+        first, other = sorted(ids)
+        run = run_fleet(collector.address, tmp_path / "spool", 2, 1.0, seed=5, instance_ids={first: ids[first]})
+        since, until = run.start_us // 1000, run.end_us // 1000
+        sim = write_sim_bill(tmp_path / "bill", since, until, simulated_fleet(2, 5))
+        import_bills(collector.address, [sim.focus_path])
+        doc = _baseline(collector, since, until)  # the other host is matched by the bill's gpuledger_host tag
+        assert len(doc["unwatched_gpu_instances"]) == 1 and not any("no instance id" in m for m in doc["missing"])
+        # a bill without that tag: the host cannot be matched, and the baseline names it
+        text = sim.focus_path.read_text().replace(f'""gpuledger_host"": ""{other}"", ', "")  # CSV-quoted JSON
+        assert text != sim.focus_path.read_text()
+        sim.focus_path.write_text(text)
+        import_bills(collector.address, [sim.focus_path])
+        doc = _baseline(collector, since, until)
+        assert len(doc["unwatched_gpu_instances"]) == 2
+        assert any(m.startswith(f"1 cloud host(s) report no instance id ({other})") for m in doc["missing"])
+    finally:
+        collector.stop(grace_s=1)
+        store.close()
