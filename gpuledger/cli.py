@@ -17,6 +17,7 @@ import typer
 from gpuledger import __version__, cli_report
 from gpuledger.agent.cli import app as agent_app
 from gpuledger.collector import cli as collector_cli
+from gpuledger.collector import cli_finance
 from gpuledger.helptext import command
 
 app = typer.Typer(help="gpuledger: what your GPUs cost, and how much of that is idle.", no_args_is_help=True,
@@ -35,6 +36,7 @@ from gpuledger.collector import cli_workflow  # noqa: E402
 cli_workflow.register(app)  # endpoints, inference-model, runs, estimate, alerts
 
 DEMO_MARKER = ".gpuledger-demo"  # written into a demo's data directory: only such a directory is emptied
+cli_finance.register(app)  # bill import, api-spend import, baseline
 
 
 class LogLevel(StrEnum):

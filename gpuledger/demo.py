@@ -47,13 +47,14 @@ class FleetRun:
 def run_fleet(collector_address: str, spool_root: Path, n_hosts: int, hours: float, *, seed: int = 7,
               start_us: int | None = None, tick_s: float = 300.0, flush_s: float = 600.0, window_s: float = 10.0,
               progress=None, drain_timeout_s: float = 300.0, token: str | None = None,
-              hosts: list[SimHost] | None = None) -> FleetRun:
+              hosts: list[SimHost] | None = None, instance_ids: dict[str, str] | None = None) -> FleetRun:
     """Run a simulated fleet for `hours` of simulated time, one thread per host; wait for every ack.
 
     `hosts` defaults to `simulated_fleet(n_hosts, seed)`. A host's lifecycle events (simulate.SimHost)
     are played on its own clock: a stop is a graceful agent stop (the host is then off), a start a new
     agent run, a kill an agent that dies right after closing its windows while the host stays up, a
-    restart the agent back on the same boot."""
+    restart the agent back on the same boot. `instance_ids`: host_id -> cloud instance id (e.g. from
+    simbill.resource_ids, to match a simulated bill)."""
     w_us = int(window_s * 1e6)
     if start_us is None:
         start_us = (WallClock().now_us() - int(hours * 3600e6)) // w_us * w_us
@@ -65,7 +66,8 @@ def run_fleet(collector_address: str, spool_root: Path, n_hosts: int, hours: flo
         clock = SimClock(start_us + off)
         src = SimulatedSource(h.host_id, h.gpu_model, list(h.gpus), start_us + off, seed=seed)
         cfg = AgentConfig(host_id=h.host_id, provider=h.provider, region=h.region, instance_type=h.instance_type,
-                          tags=dict(h.tags), collector=collector_address,
+                          instance_id=(instance_ids or {}).get(h.host_id, ""), tags=dict(h.tags),
+                          collector=collector_address,
                           spool_dir=str(spool_root / h.host_id), window_s=window_s, tick_s=min(tick_s, window_s),
                           flush_s=flush_s, kernels="numba").validate()
         spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, fsync=False)

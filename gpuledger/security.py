@@ -177,7 +177,8 @@ class Auth:
         if self._match(token, self.admin_hashes) is not None:
             return
         self.failures += 1
-        if token and (self._match(token, self.query_hashes) or self._match(token, self.agent_hashes)):
+        if token and (self._match(token, self.query_hashes) is not None
+                      or self._match(token, self.agent_hashes) is not None):
             raise AuthDenied(grpc.StatusCode.PERMISSION_DENIED, "this token cannot change the collector's records: "
                                                                 "use the admin token (collector.admin_token_file)")
         if not self.admin_hashes:

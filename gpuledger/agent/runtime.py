@@ -40,15 +40,18 @@ from gpuledger.v1 import telemetry_pb2 as pb
 log = logging.getLogger(__name__)
 
 
-def host_facts(cfg: AgentConfig, gpus: list[GpuFacts], physical_gpus: int = 0) -> pb.HostFacts:
+def host_facts(cfg: AgentConfig, gpus: list[GpuFacts], physical_gpus: int = 0,
+               instance_id: str | None = None) -> pb.HostFacts:
     """Host facts; the priced GPU count is the config's, else the physical GPUs (MIG instances
-    are not GPUs of their own for pricing)."""
+    are not GPUs of their own for pricing). `instance_id`: the cloud's id of the instance (found at
+    start, see Agent); None: the config's `agent.instance_id`."""
     import socket
 
     return pb.HostFacts(host_id=cfg.host_id, hostname=socket.gethostname(), provider=cfg.provider,
                         region=cfg.region, instance_type=cfg.instance_type,
                         gpu_count=cfg.gpu_count or physical_gpus or len(gpus), tags={str(k): str(v) for k, v in cfg.tags.items()},
-                        agent_version=__version__)
+                        agent_version=__version__,
+                        instance_id=cfg.instance_id if instance_id is None else instance_id)
 
 
 def gpu_infos(gpus: list[GpuFacts], first_windows: dict[str, int] | None = None) -> list[pb.GpuInfo]:
@@ -214,7 +217,15 @@ class Agent:
             else:
                 start_us = max(closed_us, now_us // w_us * w_us)
         self.windower = Windower(self.gpus, cfg.window_s, cfg.lateness_s, start_us=start_us, kernels=cfg.kernels)
-        self.host = host_facts(cfg, self.gpus, getattr(source, "physical_gpu_count", 0))
+        # the cloud instance id joins this host to its bill rows: the config's, else asked once from the
+        # instance metadata service; replays and simulated fleets (start_us given) never ask
+        if cfg.instance_id or start_us is not None:
+            instance_id = cfg.instance_id
+        else:
+            from gpuledger.agent.cloudmeta import instance_id_for
+
+            instance_id = instance_id_for(cfg)
+        self.host = host_facts(cfg, self.gpus, getattr(source, "physical_gpu_count", 0), instance_id)
         spool.begin_session(self.session_start_ms)
         self.agent_id = cfg.host_id
         self._pending: list[Closed] = []

@@ -212,7 +212,7 @@ def cost(
                    err=True)
         raise typer.Exit(2)
     cols = [by, "gpu_hours", "active_hours", "idle_held_hours", "idle_free_hours", "unmonitored_hours", "cost",
-            "active_cost", "idle_cost", "unmonitored_cost", "currency"]
+            "active_cost", "idle_cost", "unmonitored_cost", "api_cost", "unwatched_gpu_cost", "currency"]
     typer.echo(render(rows, fmt.value, cols if fmt != Fmt.json else None))
     if fmt == Fmt.table:
         typer.echo(f"\nprices: {reply.pricing_source}", err=True)
@@ -290,7 +290,18 @@ def export_focus(
         pq.write_table(table, output)
         typer.echo(f"{table.num_rows} FOCUS rows written to {output}", err=True)
         return
-    text = render(table.to_pylist(), fmt)
+    import json
+
+    from gpuledger.collector.export import TIMESTAMP_COLUMNS
+
+    rows = table.to_pylist()
+    for r in rows:  # FOCUS date/times as 'YYYY-MM-DDTHH:mm:ssZ'; in JSON, Tags as an object (KeyValueFormat)
+        for c in TIMESTAMP_COLUMNS:
+            if r.get(c) is not None:
+                r[c] = r[c].strftime("%Y-%m-%dT%H:%M:%SZ")
+        if fmt == "json" and isinstance(r.get("Tags"), str):
+            r["Tags"] = json.loads(r["Tags"])
+    text = render(rows, fmt)
     if output == "-":
         typer.echo(text)
     else:

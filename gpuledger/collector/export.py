@@ -36,13 +36,17 @@ FOCUS_SCHEMA = pa.schema([
     ("BillingCurrency", pa.string()), ("BillingPeriodStart", _TS), ("BillingPeriodEnd", _TS),
     ("ChargePeriodStart", _TS), ("ChargePeriodEnd", _TS), ("ChargeCategory", pa.string()),
     ("ChargeClass", pa.string()), ("ChargeFrequency", pa.string()), ("ChargeDescription", pa.string()),
+    ("CommitmentDiscountCategory", pa.string()), ("CommitmentDiscountId", pa.string()),
+    ("CommitmentDiscountName", pa.string()), ("CommitmentDiscountStatus", pa.string()),
+    ("CommitmentDiscountType", pa.string()),
     ("ConsumedQuantity", pa.float64()), ("ConsumedUnit", pa.string()), ("PricingQuantity", pa.float64()),
     ("PricingUnit", pa.string()), ("PricingCategory", pa.string()), ("ListUnitPrice", pa.float64()),
     ("ContractedUnitPrice", pa.float64()), ("ProviderName", pa.string()), ("PublisherName", pa.string()),
-    ("InvoiceIssuerName", pa.string()), ("RegionId", pa.string()), ("RegionName", pa.string()),
+    ("InvoiceId", pa.string()), ("InvoiceIssuerName", pa.string()), ("RegionId", pa.string()),
+    ("RegionName", pa.string()),
     ("ResourceId", pa.string()), ("ResourceName", pa.string()), ("ResourceType", pa.string()),
     ("ServiceCategory", pa.string()), ("ServiceSubcategory", pa.string()), ("ServiceName", pa.string()),
-    ("SkuId", pa.string()), ("SubAccountId", pa.string()), ("SubAccountName", pa.string()), ("Tags", pa.string()),
+    ("SkuId", pa.string()), ("SkuPriceId", pa.string()), ("SubAccountId", pa.string()), ("SubAccountName", pa.string()), ("Tags", pa.string()),
     ("x_GpuState", pa.string()), ("x_AllocationMethod", pa.string()), ("x_PriceSource", pa.string()),
     ("x_FocusVersion", pa.string()),
 ])
@@ -115,7 +119,7 @@ def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granulari
             ms = sum(getattr(t.ms, state) for t in parts.values())
             if ms <= 0:
                 continue
-            hours = ms / MS_PER_HOUR
+            hours = _money(ms / MS_PER_HOUR)  # no float noise in quantities either
             priced = all(t.priced for t in parts.values())
             cost = _money(sum(getattr(t.cost, state) for t in parts.values())) if priced else None
             unit = _money(cost / hours) if cost is not None and hours else None
@@ -132,12 +136,16 @@ def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granulari
                 "PricingQuantity": hours, "PricingUnit": "GPU-Hours", "PricingCategory": "Standard",
                 "ListUnitPrice": unit, "ContractedUnitPrice": unit,
                 "ProviderName": h.provider or "unknown", "PublisherName": h.provider or "unknown",
+                "InvoiceId": None,  # gpuledger issues no invoice
                 "InvoiceIssuerName": h.provider or "unknown",
                 "RegionId": h.region or None, "RegionName": h.region or None,
                 "ResourceId": h.instance_id or host_id, "ResourceName": host_id, "ResourceType": "GPU host",
                 "ServiceCategory": "Compute", "ServiceSubcategory": "Virtual Machines",
                 "ServiceName": "GPU compute", "SkuId": h.instance_type or None,
-                "SubAccountId": None, "SubAccountName": None,
+                "SkuPriceId": None, "SubAccountId": None, "SubAccountName": None,
+                # no commitment discount applies to a GPU-hour at the price in force (FOCUS 1.0 needs the columns)
+                "CommitmentDiscountCategory": None, "CommitmentDiscountId": None, "CommitmentDiscountName": None,
+                "CommitmentDiscountStatus": None, "CommitmentDiscountType": None,
                 "Tags": tags_text[lbl],
                 "x_GpuState": state,
                 "x_AllocationMethod": ",".join(sorted(set().union(*(t.method for t in parts.values())))) or "unpriced",

@@ -12,7 +12,7 @@ import re
 
 import pyarrow as pa
 
-from gpuledger.collector import allocation, coverage
+from gpuledger.collector import allocation, billing, coverage
 from gpuledger.collector.allocation import HostRecord, Periods, StateTally, price_breakpoints
 from gpuledger.collector.coverage import CoverageRules
 from gpuledger.collector.pricing import Pricing
@@ -49,6 +49,7 @@ def run(store: Store, pricing: Pricing, req: pb.ReportRequest, now_ms: int,
     if since >= until:
         raise ReportError(f"since ({since}) must be before until ({until}, the collector's now at the latest)")
     filters = dict(req.filters)
+    pricing = billing.report_pricing(store, pricing, since, until)  # an imported bill's prices come first
     if req.report == "idle":
         rows = idle_rows(store, pricing, since, until, req.by or "host", filters, now_ms, rules)
     elif req.report == "cost":
@@ -61,10 +62,14 @@ def run(store: Store, pricing: Pricing, req: pb.ReportRequest, now_ms: int,
         from gpuledger.collector.heatmap import heatmap_table
 
         rows = heatmap_table(store, since, until, req.by or "gpu", filters, now_ms, rules)
+    elif req.report == "baseline":
+        from gpuledger.collector.baseline import baseline_table
+
+        rows = baseline_table(store, pricing, since, until, filters, now_ms, rules)
     elif req.report in WORKFLOW_REPORTS:
         rows = _workflow_report(store, pricing, req.report, since, until, filters, now_ms, rules)
     else:
-        raise ReportError(f"report: unknown report {req.report!r} (idle, cost, focus, heatmap, "
+        raise ReportError(f"report: unknown report {req.report!r} (idle, cost, focus, heatmap, baseline, "
                           f"{', '.join(WORKFLOW_REPORTS)})")
     table = rows if isinstance(rows, pa.Table) else (pa.Table.from_pylist(rows) if rows else pa.table({}))
     currencies = sorted({c for c in (table.column("currency").to_pylist() if "currency" in table.column_names
@@ -187,7 +192,7 @@ def cost_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
         merged[key] = merged[key].merge(tally) if key in merged else tally
     rows = [{by: lbl, **tally.fields("allocation")} for lbl, tally in merged.items()]
     rows.sort(key=lambda x: (-(x["cost"] or 0), str(x[by])))
-    return rows
+    return billing.spend_columns(store, rows, by, since, until)  # API and unwatched GPU spend beside
 
 
 def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granularity: str = "day",

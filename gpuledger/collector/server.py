@@ -143,7 +143,10 @@ class Collector:
             grpc.method_handlers_generic_handler("gpuledger.v1.Admin", {
                 "Retire": grpc.unary_unary_rpc_method_handler(
                     self._retire, request_deserializer=pb.RetireRequest.FromString,
-                    response_serializer=pb.RetireReply.SerializeToString)}),
+                    response_serializer=pb.RetireReply.SerializeToString),
+                "Import": grpc.stream_unary_rpc_method_handler(
+                    self._import, request_deserializer=pb.ImportChunk.FromString,
+                    response_serializer=pb.ImportReply.SerializeToString)}),
         ])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.server_credentials is not None:
@@ -344,3 +347,15 @@ class Collector:
         except reports.ReportError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.RetireReply(host_id=request.host_id, at_ms=at_ms, state=state)
+
+    async def _import(self, request_iterator, context) -> pb.ImportReply:
+        """A bill or API spend import (billing.py): admin credential, chunks stored as they come."""
+        from gpuledger.collector import billing
+        from gpuledger.security import AuthDenied
+
+        if self.auth is not None:
+            try:
+                self.auth.authenticate_admin(context)
+            except AuthDenied as e:
+                await self._deny(context, e)
+        return await billing.serve_import(self.store, self.clock.now_us(), request_iterator, context)

@@ -16,6 +16,8 @@ Tables (all in one database):
 - gpu_hours, alloc_hours: hourly rollups built from FINAL data by the sealer (rollup.py), with
   rollup_marks / rollup_built telling reports which host-hours are current.
 - agent_batches: a log of received batches, kept `batch_log_days`.
+- bill_rows, api_spend_rows, import_slices: imported cloud bills and AI API spend (billing.py);
+  import_slices says which import currently stands for each slice.
 
 Reads for reports go through their own connections (a small pool), never the writer's: a long
 report does not stall ingest.
@@ -179,6 +181,40 @@ TABLES: dict[str, Table] = {
         state LowCardinality(String), active_since_ms Int64, updated_ms Int64, value String, summary String,
         description String
     """, "ReplacingMergeTree", "(alertname, alert_key, active_since_ms)", "updated_ms"),
+    # imported cost data (billing.py): rows of every import; only each slice's newest import counts
+    "bill_rows": Table(f"""
+        source_file {LC}, row_number Int64, format LowCardinality(String), provider LowCardinality(String),
+        billing_account_id String, sub_account_id Nullable(String), billing_period LowCardinality(String),
+        slice_key String, charge_period_start_ms Int64, charge_period_end_ms Nullable(Int64),
+        charge_category LowCardinality(String), charge_class LowCardinality(Nullable(String)),
+        service_category LowCardinality(Nullable(String)), service_name LowCardinality(Nullable(String)),
+        sku_id Nullable(String), usage_type LowCardinality(Nullable(String)), charge_description Nullable(String),
+        resource_id Nullable(String), region LowCardinality(Nullable(String)),
+        instance_type LowCardinality(Nullable(String)), is_gpu_instance Bool, gpu_count Nullable(Int32),
+        gpu_model LowCardinality(Nullable(String)), billed_cost Float64, effective_cost Float64,
+        list_cost Nullable(Float64), currency LowCardinality(String), consumed_quantity Nullable(Float64),
+        consumed_unit LowCardinality(Nullable(String)), pricing_quantity Nullable(Float64),
+        pricing_unit LowCardinality(Nullable(String)), tags Map(String, String), ai_related Bool,
+        team LowCardinality(Nullable(String)), project LowCardinality(Nullable(String)),
+        phase LowCardinality(Nullable(String)), workload LowCardinality(Nullable(String)), import_id Int64
+    """, "MergeTree", "(slice_key, import_id, charge_period_start_ms)"),
+    "api_spend_rows": Table(f"""
+        source_file {LC}, row_number Int64, vendor LowCardinality(String), endpoint LowCardinality(String),
+        bucket_start_ms Int64, bucket_end_ms Int64, slice_key String, project_id Nullable(String),
+        workspace_id Nullable(String), api_key_id Nullable(String), user_id Nullable(String),
+        model LowCardinality(Nullable(String)), line_item Nullable(String), cost_type LowCardinality(Nullable(String)),
+        token_type LowCardinality(Nullable(String)), service_tier LowCardinality(Nullable(String)),
+        batch Nullable(Bool), input_tokens Nullable(Int64), output_tokens Nullable(Int64),
+        cached_input_tokens Nullable(Int64), cache_creation_tokens Nullable(Int64), requests Nullable(Int64),
+        quantity Nullable(Float64), quantity_unit LowCardinality(Nullable(String)), cost Nullable(Float64),
+        currency LowCardinality(Nullable(String)), cost_basis LowCardinality(String),
+        team LowCardinality(Nullable(String)), application LowCardinality(Nullable(String)), import_id Int64
+    """, "MergeTree", "(slice_key, import_id, bucket_start_ms)"),
+    # which import each slice's rows come from: the highest import_id wins (billing.py)
+    "import_slices": Table("""
+        kind LowCardinality(String), slice_key String, import_id Int64, committed_ms Int64, rows UInt64,
+        files Array(String)
+    """, "ReplacingMergeTree", "(kind, slice_key)", "import_id"),
     "agent_batches": Table("""
         agent_id LowCardinality(String), host_id LowCardinality(String), agent_epoch UInt64, seq UInt64,
         received_ms Int64, windows UInt32, proc_windows UInt32, dropped_windows UInt64

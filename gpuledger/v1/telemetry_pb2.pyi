@@ -180,3 +180,63 @@ class RetireReply(_message.Message):
     at_ms: int
     state: str
     def __init__(self, host_id: _Optional[str] = ..., at_ms: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ImportIssue(_message.Message):
+    __slots__ = ("file", "line", "column", "value", "message", "refused")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    line: int
+    column: str
+    value: str
+    message: str
+    refused: bool
+    def __init__(self, file: _Optional[str] = ..., line: _Optional[int] = ..., column: _Optional[str] = ..., value: _Optional[str] = ..., message: _Optional[str] = ..., refused: _Optional[bool] = ...) -> None: ...
+
+class ImportChunk(_message.Message):
+    __slots__ = ("kind", "file_name", "arrow", "slice_keys", "final", "issues", "refused_rows")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ARROW_FIELD_NUMBER: _ClassVar[int]
+    SLICE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    ISSUES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    file_name: str
+    arrow: bytes
+    slice_keys: _containers.RepeatedScalarFieldContainer[str]
+    final: bool
+    issues: _containers.RepeatedCompositeFieldContainer[ImportIssue]
+    refused_rows: int
+    def __init__(self, kind: _Optional[str] = ..., file_name: _Optional[str] = ..., arrow: _Optional[bytes] = ..., slice_keys: _Optional[_Iterable[str]] = ..., final: _Optional[bool] = ..., issues: _Optional[_Iterable[_Union[ImportIssue, _Mapping]]] = ..., refused_rows: _Optional[int] = ...) -> None: ...
+
+class ImportFile(_message.Message):
+    __slots__ = ("file_name", "rows_stored", "rows_refused", "refusals")
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ROWS_STORED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    rows_stored: int
+    rows_refused: int
+    refusals: _containers.RepeatedCompositeFieldContainer[ImportIssue]
+    def __init__(self, file_name: _Optional[str] = ..., rows_stored: _Optional[int] = ..., rows_refused: _Optional[int] = ..., refusals: _Optional[_Iterable[_Union[ImportIssue, _Mapping]]] = ...) -> None: ...
+
+class ImportReply(_message.Message):
+    __slots__ = ("rows_stored", "slices_replaced", "files", "warnings", "import_id")
+    ROWS_STORED_FIELD_NUMBER: _ClassVar[int]
+    SLICES_REPLACED_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    IMPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    rows_stored: int
+    slices_replaced: _containers.RepeatedScalarFieldContainer[str]
+    files: _containers.RepeatedCompositeFieldContainer[ImportFile]
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    import_id: int
+    def __init__(self, rows_stored: _Optional[int] = ..., slices_replaced: _Optional[_Iterable[str]] = ..., files: _Optional[_Iterable[_Union[ImportFile, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., import_id: _Optional[int] = ...) -> None: ...

@@ -185,6 +185,11 @@ class AdminStub:
                 request_serializer=gpuledger_dot_v1_dot_telemetry__pb2.RetireRequest.SerializeToString,
                 response_deserializer=gpuledger_dot_v1_dot_telemetry__pb2.RetireReply.FromString,
                 _registered_method=True)
+        self.Import = channel.stream_unary(
+                '/gpuledger.v1.Admin/Import',
+                request_serializer=gpuledger_dot_v1_dot_telemetry__pb2.ImportChunk.SerializeToString,
+                response_deserializer=gpuledger_dot_v1_dot_telemetry__pb2.ImportReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -198,6 +203,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Import(self, request_iterator, context):
+        """Store a cloud bill or AI API spend parsed by the client; replaces the slices it covers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +217,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Retire,
                     request_deserializer=gpuledger_dot_v1_dot_telemetry__pb2.RetireRequest.FromString,
                     response_serializer=gpuledger_dot_v1_dot_telemetry__pb2.RetireReply.SerializeToString,
+            ),
+            'Import': grpc.stream_unary_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=gpuledger_dot_v1_dot_telemetry__pb2.ImportChunk.FromString,
+                    response_serializer=gpuledger_dot_v1_dot_telemetry__pb2.ImportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +251,33 @@ class Admin:
             '/gpuledger.v1.Admin/Retire',
             gpuledger_dot_v1_dot_telemetry__pb2.RetireRequest.SerializeToString,
             gpuledger_dot_v1_dot_telemetry__pb2.RetireReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gpuledger.v1.Admin/Import',
+            gpuledger_dot_v1_dot_telemetry__pb2.ImportChunk.SerializeToString,
+            gpuledger_dot_v1_dot_telemetry__pb2.ImportReply.FromString,
             options,
             channel_credentials,
             insecure,
