@@ -88,61 +88,28 @@ def demo(
                                                "previous demo made it, refused if it holds anything else.")] =
         "gpuledger-data/demo",
     seed: Annotated[int, typer.Option(help="Fleet seed.")] = 7,
+    mlflow: Annotated[bool, typer.Option(help="Also start a local MLflow server (mlflow installed, or "
+                                              ".venv-mlflow) and write each run's cost onto it.")] = False,
 ) -> None:
     """Run a simulated fleet end to end on the embedded store, then print the reports.
 
-    Starts a collector (gRPC on 127.0.0.1, embedded ClickHouse in DATA_DIR), one agent per
-    simulated host (each with its own spool and gRPC stream), replays a simulated day, and asks
-    the collector for the idle-waste and cost reports. One more host is elastic: an inference
-    endpoint that scales to zero twice and comes back (its agent stops and starts).
+    Starts a collector (gRPC on 127.0.0.1, embedded ClickHouse in DATA_DIR) and one agent per
+    simulated host (each with its own spool and gRPC stream) over a simulated day: training jobs,
+    notebooks holding GPUs, diurnal inference, idle GPUs, an NVML outage, an elastic endpoint that
+    scales to zero and back; then inference servers scraped for their traffic (one dev endpoint
+    idling all night) and an experiment's runs, some failing. It prints the idle-waste and cost
+    reports, the endpoints and runs, imports a simulated cloud bill and API spend export, answers
+    the finance baseline, and writes the HTML report.
 
     Examples:
       gpuledger demo
       gpuledger demo --hosts 16 --hours 48 --data-dir gl-demo
+      gpuledger demo --mlflow
     """
-    import time
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from gpuledger.agent.simulate import elastic_fleet, simulated_fleet
-    from gpuledger.client import fetch_report
-    from gpuledger.demo import run_fleet, start_embedded_collector
-    from gpuledger.format import render
+    from gpuledger.demo import run_demo
 
     root = _demo_dir(Path(data_dir))
-    collector = start_embedded_collector(root)
-    typer.echo(f"collector on {collector.address}, embedded ClickHouse (chDB) in {root / 'chdb'}")
-    t0 = time.perf_counter()
-    try:
-        with Progress(TextColumn("simulating {task.fields[hosts]} hosts x {task.fields[hours]:g} h"), BarColumn(),
-                      TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn()) as bar:
-            fleet = simulated_fleet(hosts, seed) + [h for h in elastic_fleet(hours) if h.host_id == "sim-elastic-endpoint"]
-            task = bar.add_task("sim", total=1.0, hosts=len(fleet), hours=hours)
-            run = run_fleet(collector.address, root / "spool", hosts, hours, seed=seed, hosts=fleet,
-                            progress=lambda f: bar.update(task, completed=f))
-        windows = sum(a.windows_sampled for a in run.agents)
-        gpus = sum(len(s.gpus()) for s in run.sources)
-        typer.echo(f"{gpus} GPUs on {len(fleet)} hosts: {windows:,} GPU-windows sampled, spooled, streamed and "
-                   f"acknowledged in {time.perf_counter() - t0:.1f} s")
-        since_ms, until_ms = run.start_us // 1000, run.end_us // 1000
-        table, reply = fetch_report(collector.address, "idle", since_ms, until_ms, "host")
-        typer.echo("\nIdle waste by host (gpuledger idle):")
-        typer.echo(render(collector_cli.with_since(table.to_pylist()), "table", collector_cli.IDLE_COLUMNS))
-        table, _ = fetch_report(collector.address, "cost", since_ms, until_ms, "team")
-        typer.echo("\nCost by team (gpuledger cost --by team):")
-        typer.echo(render(table.to_pylist(), "table", ["team", "gpu_hours", "active_hours", "idle_held_hours",
-                                                       "idle_free_hours", "unmonitored_hours", "cost", "idle_cost",
-                                                       "currency"]))
-        typer.echo(f"\nprices: {reply.pricing_source}")
-        from gpuledger.report import write_report
-
-        page = write_report(collector.address, since_ms, until_ms, root / "report.html")
-        typer.echo(f"\nHTML report (opens offline; charts for finance): {page.resolve()}")
-    finally:
-        collector.stop()
-        collector.store.close()
-    typer.echo(f"\ndata lives in {root.resolve()} (store: {root / 'chdb'}, agent spools: {root / 'spool'}).")
-    typer.echo(f"explore it: gpuledger collector serve --data-dir {root} & gpuledger idle --since {int(hours) + 1}h")
+    run_demo(root, hosts=hosts, hours=hours, seed=seed, mlflow=mlflow, echo=typer.echo)
 
 
 command(app, demo)

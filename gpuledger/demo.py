@@ -145,3 +145,61 @@ def fresh_dir(path: Path) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
+
+
+def run_demo(root: Path, *, hosts: int = 8, hours: float = 24.0, seed: int = 7, mlflow: bool = False,
+             echo=print) -> None:
+    """`gpuledger demo`: every part of gpuledger on a simulated day, through a real collector on 127.0.0.1."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gpuledger.agent.simulate import elastic_fleet
+    from gpuledger.client import fetch_report
+    from gpuledger.collector import cli as collector_cli
+    from gpuledger.collector.simbill import resource_ids
+    from gpuledger.demo_finance import demo_instance_ids, import_demo_finance
+    from gpuledger.demo_workflow import workflow_demo
+    from gpuledger.format import render
+    from gpuledger.report import write_report
+
+    collector = start_embedded_collector(root)
+    echo(f"collector on {collector.address}, embedded ClickHouse (chDB) in {root / 'chdb'}")
+    t0 = time.perf_counter()
+    try:
+        billed = simulated_fleet(hosts, seed)
+        fleet = billed + [h for h in elastic_fleet(hours) if h.host_id == "sim-elastic-endpoint"]
+        with Progress(TextColumn("simulating {task.fields[hosts]} hosts x {task.fields[hours]:g} h"), BarColumn(),
+                      TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn()) as bar:
+            task = bar.add_task("sim", total=1.0, hosts=len(fleet), hours=hours)
+            ids = {**demo_instance_ids(hosts, seed), **{h.host_id: resource_ids(h.provider, h.region, h.host_id)[1]
+                                                        for h in fleet}}
+            run = run_fleet(collector.address, root / "spool", hosts, hours, seed=seed, hosts=fleet, instance_ids=ids,
+                            progress=lambda f: bar.update(task, completed=f))
+        windows = sum(a.windows_sampled for a in run.agents)
+        gpus = sum(len(s.gpus()) for s in run.sources)
+        echo(f"{gpus} GPUs on {len(fleet)} hosts: {windows:,} GPU-windows sampled, spooled, streamed and "
+             f"acknowledged in {time.perf_counter() - t0:.1f} s")
+        since_ms, until_ms = run.start_us // 1000, run.end_us // 1000
+        table, reply = fetch_report(collector.address, "idle", since_ms, until_ms, "host")
+        echo("\nIdle waste by host (gpuledger idle):")
+        echo(render(collector_cli.with_since(table.to_pylist()), "table", collector_cli.IDLE_COLUMNS))
+        table, _ = fetch_report(collector.address, "cost", since_ms, until_ms, "team")
+        echo("\nCost by team (gpuledger cost --by team):")
+        echo(render(table.to_pylist(), "table", ["team", "gpu_hours", "active_hours", "idle_held_hours",
+                                                 "idle_free_hours", "unmonitored_hours", "cost", "idle_cost",
+                                                 "currency"]))
+        echo(f"\nprices: {reply.pricing_source}")
+        echo("\nEndpoints and experiments (inference servers scraped for their traffic; an experiment's runs):")
+        wf = workflow_demo(collector, root, min(hours, 24.0), seed=seed, start_us=run.start_us, mlflow=mlflow,
+                           echo=echo)
+        # the bill lists the hosts that ran all day (the elastic endpoint, off part of the day, is priced from the
+        # catalog), the rest of a cloud bill (general-purpose compute for web and databases) and a small credit
+        finance = import_demo_finance(collector.address, run, root / "finance", seed=seed, hosts=billed + wf.hosts,
+                                      credit=50.0, other_compute_per_day=2_500.0)
+        echo(finance.text)
+        page = write_report(collector.address, since_ms, until_ms, root / "report.html")
+        echo(f"\nHTML report (opens offline; charts for finance): {page.resolve()}")
+    finally:
+        collector.stop()
+        collector.store.close()
+    echo(f"\ndata lives in {root.resolve()} (store: {root / 'chdb'}, agent spools: {root / 'spool'}).")
+    echo(f"explore it: gpuledger collector serve --data-dir {root} & gpuledger idle --since {int(hours) + 1}h")

@@ -36,21 +36,25 @@ class FinanceDemo:
 
 
 def import_demo_finance(collector_address: str, run, out_dir: str | Path, *, seed: int = 7, token: str | None = None,
-                        discount: float = 0.28) -> FinanceDemo:
+                        discount: float = 0.28, hosts=None, credit: float = 500.0,
+                        other_compute_per_day: float = 0.0) -> FinanceDemo:
     """Write the simulated bill and API spend for `run` (a demo.FleetRun) into out_dir, import both through
-    the collector (Admin.Import), and fetch the baseline for the run's range (Query.Report)."""
+    the collector (Admin.Import), and fetch the baseline for the run's range (Query.Report). `hosts`: the
+    always-on hosts the bill lists (default: simulated_fleet of the run's size, which must be the run's hosts)."""
     import json
 
     from gpuledger.client import fetch_report
     from gpuledger.collector.baseline import render_text
     from gpuledger.collector.cli_finance import import_api_spend, import_bills
 
-    hosts = simulated_fleet(len(run.sources), seed)
     ran = {s.host_id for s in run.sources}
-    if {h.host_id for h in hosts} != ran:
-        raise ValueError(f"the run's hosts ({', '.join(sorted(ran))}) are not simulated_fleet({len(ran)})'s")
+    if hosts is None:
+        hosts = simulated_fleet(len(run.sources), seed)
+        if {h.host_id for h in hosts} != ran:
+            raise ValueError(f"the run's hosts ({', '.join(sorted(ran))}) are not simulated_fleet({len(ran)})'s")
     since, until = run.start_us // 1000, run.end_us // 1000
-    bill = write_sim_bill(out_dir, since, until, hosts, discount=discount)
+    bill = write_sim_bill(out_dir, since, until, hosts, discount=discount, credit=credit,
+                          other_compute_per_day=other_compute_per_day)
     bill_reply = import_bills(collector_address, [bill.focus_path], token=token)
     api_reply = import_api_spend(collector_address, [bill.api_spend_path], "openai", token=token)
     table, _ = fetch_report(collector_address, "baseline", since, until, "", {})

@@ -48,6 +48,7 @@ from gpuledger.agent.simulate import (
 )
 from gpuledger.agent.spool import Spool
 from gpuledger.clock import SimClock, WallClock
+from gpuledger.collector.simbill import resource_ids
 from gpuledger.config import AgentConfig
 
 EXPERIMENT = "sim-finetune"
@@ -114,6 +115,7 @@ class WorkflowFleet:
     shippers: list[Shipper]
     runs: list[tuple[PlannedRun, SimRun]] = field(default_factory=list)
     wall_s: float = 0.0
+    hosts: list[SimHost] = field(default_factory=list)
 
     def endpoint(self, name: str):
         for s in self.sources:
@@ -156,7 +158,9 @@ def run_workflow_fleet(collector_address: str, spool_root: Path, hours: float, *
             else:
                 urls = {n: f"http://sim/{n}/metrics" for n in src.endpoints}
                 http_get = sim_http_get(src.endpoints, clock) if src.endpoints else None
+            # the instance id a simulated bill gives this host (collector/simbill.py), as the metadata service would
             cfg = AgentConfig(host_id=h.host_id, provider=h.provider, region=h.region, instance_type=h.instance_type,
+                              instance_id=resource_ids(h.provider, h.region, h.host_id)[1],
                               tags=dict(h.tags), collector=collector_address, spool_dir=str(spool_root / h.host_id),
                               window_s=window_s, tick_s=window_s, flush_s=flush_s, kernels="numba",
                               endpoints=[{"name": n, "server": "vllm", "url": u} for n, u in urls.items()]).validate()
@@ -202,7 +206,8 @@ def run_workflow_fleet(collector_address: str, spool_root: Path, hours: float, *
             sh.close()
         for srv in servers:
             srv.close()
-    return WorkflowFleet(start_us, end_us, agents, sources, shippers, list(runs), time.perf_counter() - t0)
+    return WorkflowFleet(start_us, end_us, agents, sources, shippers, list(runs), time.perf_counter() - t0,
+                         list(hosts))
 
 
 # ----------------------------------------------------------------------------- MLflow

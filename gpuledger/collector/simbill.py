@@ -110,8 +110,10 @@ def _num(x: float) -> str:
 
 
 def write_sim_bill(out_dir: str | Path, start_ms: int, end_ms: int, hosts=None, discount: float = 0.28,
-                   pricing: Pricing | None = None) -> SimBill:
-    """Write `focus-1.2-simulated.csv` and `openai-costs-simulated.json` into out_dir for [start, end)."""
+                   pricing: Pricing | None = None, credit: float = 500.0, other_compute_per_day: float = 0.0) -> SimBill:
+    """Write `focus-1.2-simulated.csv` and `openai-costs-simulated.json` into out_dir for [start, end); `credit`
+    is the one (negative) credit row's amount; `other_compute_per_day` adds the rest of a cloud bill (web
+    servers, databases: general-purpose instances that are not AI)."""
     from gpuledger.agent.simulate import simulated_fleet
 
     if end_ms <= start_ms:
@@ -222,6 +224,13 @@ def write_sim_bill(out_dir: str | Path, start_ms: int, end_ms: int, hosts=None, 
              resource_id="arn:aws:s3:::acme-training-data", resource_name="acme-training-data",
              resource_type="Bucket", region="us-east-1", sku="SKU-S3STD", usage_type="USE1-TimedStorage-ByteHrs",
              quantity=round(gb_months, 6), unit="GB-Months", list_unit=0.023, tags={"team": "research"})
+        if other_compute_per_day:
+            hours = other_compute_per_day / 0.192 * days  # m7i.xlarge on demand, us-east-1
+            emit("aws", a, b, "Usage", hours * 0.192, hours * 0.192 * (1 - discount), hours * 0.192,
+                 "$0.192 per On Demand Linux m7i.xlarge Instance Hour", "Amazon Elastic Compute Cloud", "Compute",
+                 "Virtual Machines", resource_id="i-0web-and-db-fleet", resource_name="web-and-db-fleet",
+                 resource_type="Virtual Machine", region="us-east-1", sku="SKU-M7IXL", usage_type="USE1-BoxUsage:m7i.xlarge",
+                 quantity=round(hours, 6), unit="Hours", list_unit=0.192, tags={"team": "platform"})
         gb = 800 * days
         emit("aws", a, b, "Usage", gb * 0.09, gb * 0.09, gb * 0.09, "$0.09 per GB data transfer out",
              "AWS Data Transfer", "Networking", "Network Connectivity", region="us-east-1", sku="SKU-DTOUT",
@@ -235,7 +244,7 @@ def write_sim_bill(out_dir: str | Path, start_ms: int, end_ms: int, hosts=None, 
              tags={"team": "search", "workload": "inference"})
         a = b
     # one credit for the range
-    emit("aws", start_ms, end_ms, "Credit", -500.0, -500.0, 0.0, "AWS Activate credits",
+    emit("aws", start_ms, end_ms, "Credit", -credit, -credit, 0.0, "AWS Activate credits",
          "Amazon Elastic Compute Cloud", "Compute", "Virtual Machines", frequency="One-Time")
 
     with open(bill.focus_path, "w", newline="") as fh:
