@@ -100,20 +100,28 @@ def main() -> int:
     def bare(final: bool = False):
         return store.query_rows(bare_sql.format(final=" FINAL" if final else ""), params)
 
-    cases = {
-        "idle --by host": lambda: reports.idle_rows(store, pricing, since, until, "host", {}, now),
-        "idle --by gpu": lambda: reports.idle_rows(store, pricing, since, until, "gpu", {}, now),
-        "cost --by team": lambda: reports.cost_rows(store, pricing, since, until, "team", {}, now),
-        "cost --by experiment": lambda: reports.cost_rows(store, pricing, since, until, "experiment", {}, now),
-        "cost --by host": lambda: reports.cost_rows(store, pricing, since, until, "host", {}, now),
-        "export focus --granularity day": lambda: reports.focus_rows(store, pricing, since, until, "day", now),
-    }
-    try:
-        from gpuledger.collector import heatmap
+    from gpuledger.schema import from_ipc
+    from gpuledger.v1 import telemetry_pb2 as pb
 
-        cases["heatmap --by gpu (report html)"] = lambda: heatmap.heatmap_table(store, since, until, "gpu", {}, now)
-    except (ImportError, AttributeError):
-        pass
+    def via_query(report: str, by: str = "", filters: dict | None = None):
+        """The report as the Query service computes it (reports.run: bill prices, Arrow reply), less the socket."""
+        reply = reports.run(store, pricing, pb.ReportRequest(report=report, since_ms=since, until_ms=until, by=by,
+                                                             filters=filters or {}), now)
+        return from_ipc(reply.arrow) if reply.arrow else []
+
+    cases = {
+        "idle --by host": lambda: via_query("idle", "host"),
+        "idle --by gpu": lambda: via_query("idle", "gpu"),
+        "cost --by team": lambda: via_query("cost", "team"),
+        "cost --by experiment": lambda: via_query("cost", "experiment"),
+        "cost --by host": lambda: via_query("cost", "host"),
+        "export focus --granularity day": lambda: via_query("focus", "day"),
+        "heatmap host x 6 h (report html)": lambda: via_query("heatmap", "host", {"step_hours": "6"}),
+        "heatmap gpu x 1 h": lambda: via_query("heatmap", "gpu"),
+        "endpoints": lambda: via_query("endpoints"),
+        "runs --experiment": lambda: via_query("runs", "", {"experiment": "exp-llm-pretrain"}),
+        "baseline (no bill)": lambda: via_query("baseline"),
+    }
     bare(), bare(True)  # warm caches for the reference as for the reports
     results = {}
     for name, fn in cases.items():

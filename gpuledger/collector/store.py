@@ -180,7 +180,8 @@ TABLES: dict[str, Table] = {
         alertname LowCardinality(String), alert_key String, labels Map(String, String),
         state LowCardinality(String), active_since_ms Int64, updated_ms Int64, value String, summary String,
         description String
-    """, "ReplacingMergeTree", "(alertname, alert_key, active_since_ms)", "updated_ms"),
+    """, "ReplacingMergeTree", "(alertname, alert_key, active_since_ms)", "updated_ms", ttl_column="updated_ms",
+                   ttl="windows"),
     # imported cost data (billing.py): rows of every import; only each slice's newest import counts
     "bill_rows": Table(f"""
         source_file {LC}, row_number Int64, format LowCardinality(String), provider LowCardinality(String),

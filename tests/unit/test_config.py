@@ -117,12 +117,13 @@ def test_cluster_ddl_covers_every_table_and_parses(tmp_path):
 def test_every_growing_table_has_a_retention():
     """Every time series (windows, their rollups, sessions, processes, host events) follows collector.ttl_days, so
     rollups expire with the windows they sum; the batch log batch_log_days; only the facts with one row per host
-    or GPU (and the prices in force) have none."""
+    or GPU, the prices in force and imported bills and API spend (finance's records, replaced by re-imports)
+    have none."""
     from gpuledger.collector.store import TABLES, Store, StoreOptions
 
     fake = type("S", (), {"opt": StoreOptions(ttl_days=90, batch_log_days=30), "db": "g",
                           "_ddl_for": Store._ddl_for})()
-    kept = {"hosts", "gpus", "host_contact", "prices"}
+    kept = {"hosts", "gpus", "host_contact", "prices", "bill_rows", "api_spend_rows", "import_slices"}
     for name in TABLES:
         stmt = Store._ddl_for(fake, name)[0]
         if name in kept:
