@@ -208,19 +208,37 @@ def _endpoint_rows(store: Store, since: int, until: int, endpoint: str):
         {"since": since, "until": until, "e": endpoint}, store.report_settings())
 
 
-def _held_rows(store: Store, since: int, until: int, endpoint: str):
+def _held_rows(store: Store, since: int, until: int, endpoint: str, rates: dict[tuple[str, str], float]):
+    """Per (endpoint, window): held and busy ms of its processes and their cost (held ms x the rate of the
+    (endpoint, host) pair). Only the GPUs an endpoint process held in the range are read (their
+    (host, GPU) is the raw table's key prefix: the other GPUs' windows are skipped, not scanned), and the
+    hosts are summed in ClickHouse: one row per endpoint and window reaches Python."""
     where = " AND tags['endpoint'] = {e:String}" if endpoint else ""
+    procs = (f"SELECT host_id, pid, start_ms FROM {store.db}.processes FINAL WHERE tags['endpoint'] != ''{where}")
     return store.query_arrow(
-        f"""SELECT p.ep AS ep, w.host_id AS host_id, w.window_start_ms AS start, sum(w.held_ms) AS held,
-                   sum(w.busy_ms) AS busy
+        f"""WITH eps AS (SELECT host_id, pid, start_ms, tags['endpoint'] AS ep FROM {store.db}.processes FINAL
+                         WHERE tags['endpoint'] != ''{where})
+            SELECT p.ep AS ep, w.window_start_ms AS start, sum(w.held_ms) AS held, sum(w.busy_ms) AS busy,
+                   sum(w.held_ms * transform(concat(p.ep, '\t', w.host_id), {{rate_keys:Array(String)}},
+                                             {{rate_values:Array(Float64)}}, 0.)) AS cost,
+                   groupUniqArray(w.host_id) AS hosts
             FROM (SELECT host_id, window_start_ms, pid, proc_start_ms, held_ms, busy_ms
                   FROM {store.db}.proc_windows FINAL
-                  WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}) AS w
-            INNER JOIN (SELECT host_id, pid, start_ms, tags['endpoint'] AS ep FROM {store.db}.processes FINAL
-                        WHERE tags['endpoint'] != ''{where}) AS p
-              ON w.host_id = p.host_id AND w.pid = p.pid AND w.proc_start_ms = p.start_ms
-            GROUP BY ep, host_id, start ORDER BY ep, start""",
-        {"since": since, "until": until, "e": endpoint}, store.report_settings())
+                  WHERE (host_id, gpu_uuid) IN (
+                            SELECT DISTINCT host_id, gpu_uuid FROM {store.db}.alloc_hours
+                            WHERE hour_ms >= intDiv({{since:Int64}}, 3600000) * 3600000 AND hour_ms < {{until:Int64}}
+                              AND (host_id, pid, proc_start_ms) IN ({procs})
+                            UNION DISTINCT
+                            SELECT DISTINCT host_id, gpu_uuid FROM {store.db}.proc_windows
+                            WHERE window_start_ms >= greatest({{since:Int64}}, {{recent:Int64}})
+                              AND window_start_ms < {{until:Int64}} AND (host_id, pid, proc_start_ms) IN ({procs}))
+                    AND window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}
+                    AND (host_id, pid, proc_start_ms) IN ({procs})) AS w
+            INNER JOIN eps AS p ON w.host_id = p.host_id AND w.pid = p.pid AND w.proc_start_ms = p.start_ms
+            GROUP BY ep, start ORDER BY ep, start""",
+        {"since": since, "until": until, "e": endpoint, "recent": until - 2 * 3_600_000,
+         "rate_keys": [f"{ep}\t{host}" for ep, host in rates], "rate_values": [float(r) for r in rates.values()]},
+        store.report_settings())
 
 
 def _phases(store: Store, since_ms: int) -> dict[str, str]:
@@ -268,14 +286,17 @@ def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: in
     `with_cost` no allocation is run (cost arrays 0, tally None: what the alert facts need)."""
     until = min(until, now_ms)
     ew = _endpoint_rows(store, since, until, opts.endpoint)
-    hw = _held_rows(store, since, until, opts.endpoint)
     tallies = cost_by_endpoint_host(store, pricing, since, until, now_ms, rules) if with_cost else {}
+    rates = {}
+    for (ep, host), tally in tallies.items():
+        ms = tally.ms.active + tally.ms.idle_held
+        rates[(ep, host)] = (tally.cost.active + tally.cost.idle_held) / ms if ms and tally.priced else 0.0
+    hw = _held_rows(store, since, until, opts.endpoint, rates)
     phases = _phases(store, since)
     names = sorted(set(_strings(ew, "endpoint")) | set(_strings(hw, "ep"))
                    | {e for e, _ in tallies if not opts.endpoint or e == opts.endpoint})
     e_name = np.asarray(_strings(ew, "endpoint"), dtype=object)
     h_name = np.asarray(_strings(hw, "ep"), dtype=object)
-    h_host = np.asarray(_strings(hw, "host_id"), dtype=object)
     out: dict[str, Timeline] = {}
     for name in names:
         em = e_name == name
@@ -300,17 +321,11 @@ def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: in
         requests = place(_col(ew, "r")[em].astype(np.int64), ei)
         held = place(_col(hw, "held")[hm].astype(np.float64), hi, np.float64)
         busy = place(_col(hw, "busy")[hm].astype(np.float64), hi, np.float64)
-        hosts_here = h_host[hm]
-        rate = {}
         ep_tally = StateTally()
-        for (ep, host), tally in tallies.items():
+        for (ep, _host), tally in tallies.items():
             if ep == name:
                 ep_tally.merge(tally)
-                ms = tally.ms.active + tally.ms.idle_held
-                c = tally.cost.active + tally.cost.idle_held
-                rate[host] = c / ms if ms and tally.priced else 0.0
-        cost = place(_col(hw, "held")[hm].astype(np.float64) * np.array([rate.get(h, 0.0) for h in hosts_here]),
-                     hi, np.float64)
+        cost = place(_col(hw, "cost")[hm].astype(np.float64), hi, np.float64)
         has_counters = bool((scraped > 0).any())
         known = scraped > 0
         up = (held > 0) | known
@@ -318,7 +333,7 @@ def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: in
             serving = known & ((requests > 0) | (running > 0))
         else:
             serving = (held > 0) & (busy >= opts.active_threshold_pct / 100.0 * held)
-        hosts = set(hosts_here.tolist())
+        hosts = {h for hs in np.asarray(hw.column("hosts").to_pylist(), dtype=object)[hm] for h in hs}
         if em.any():
             for hs in np.asarray(ew.column("hosts").to_pylist(), dtype=object)[em]:
                 hosts.update(hs)
