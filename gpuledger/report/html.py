@@ -19,11 +19,19 @@ Every figure comes from the collector's Query service, as the CLI gets it (`clie
   them); a row without the key is "(unattributed)";
 - the utilization heat map (`heatmap`): GPU x hour, or host x N hours when a fleet is too large to
   draw cell by cell (at most HEAT_MAX_CELLS cells, so a month of 1,000 GPUs stays small and fast);
-- endpoints (`endpoints`) and the baseline (`baseline`): drawn when the collector answers those
-  reports, else the section says "not available on this collector".
+- endpoints (`endpoints`, at the report's default policies): per endpoint, its up hours split into serving,
+  idle and unknown (they add up to up); every column of the report in two tables; the flagged ones with
+  what scale-to-zero or office hours would have saved, as the report words it;
+- the finance baseline (`baseline`, one row whose `document` is collector/baseline.py's JSON document):
+  the five questions, each with its figures (money, shares in %, the training : inference ratio), its
+  flags, how it was computed, what it rests on and what it covers; cost by workload; what is missing;
+  the untagged shares and top ten; the billed GPU instances; the endpoints' GPU-hours.
+  Either section says "not available on this collector" when the collector lacks its report.
 
 The page's tables print the reports' own values (cells carry the exact value in `data-v`), so a
 reader can check every chart against a number, and the tests check the numbers against the JSON.
+Every name that comes from users or bills (hosts, endpoints, tags, resource ids, flag texts) is
+escaped as text; the chart data sits in JSON script elements with <, > and & escaped.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ SPEND_DIMENSIONS = ("team", "project", "phase")
 SPEND_TOP = 10  # labels drawn per spend chart; the rest are "(other)" (the tables list them all)
 IDLE_CHART_TOP = 20  # hosts in the idle-waste chart (the table lists all)
 OPTIONAL_REPORTS = ("endpoints", "baseline")
+UNCLASSIFIED_WORKLOAD = "unclassified"  # the baseline's class of cost no tag names (collector/baseline.py)
 UNATTRIBUTED = "(unattributed)"
 
 # (report, since_ms, until_ms, by, filters) -> (Arrow table, ReportReply)
@@ -246,6 +255,11 @@ def fmt(kind: str, v, currency: str = "USD") -> str:
         return "-"
     if kind == "money":
         return money(v, currency)
+    if kind == "rate":  # money per unit: small amounts keep four decimals
+        return money(v, currency) if v == 0 or abs(v) >= 1 else money(v, currency).replace(
+            f"{abs(v):,.2f}", f"{abs(v):,.4f}")
+    if kind == "ratio":
+        return f"{v:,.2f}x"
     if kind == "hours":
         return number(v, 1)
     if kind == "pct":
@@ -280,7 +294,7 @@ TALL_ROWS = 25  # a longer table scrolls in its own box, so the charts below sta
 
 
 def table(rows: list[dict], cols: list[Col], *, report: str, by: str, key: str, currency: str,
-          caption: str = "") -> str:
+          caption: str = "", compact: bool = False) -> str:
     """An HTML table; every figure cell carries its column (data-col) and exact value (data-v)."""
     head = "".join(f'<th class="{"num" if c.kind != "text" else ""}">{esc(c.title)}</th>' for c in cols)
     body = []
@@ -298,7 +312,8 @@ def table(rows: list[dict], cols: list[Col], *, report: str, by: str, key: str, 
         body.append(f'<tr data-key="{esc(r.get(key, ""))}">{"".join(cells)}</tr>')
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
     box = "scroll tall" if len(rows) > TALL_ROWS else "scroll"
-    return (f'<div class="{box}"><table class="figures" data-report="{esc(report)}" data-by="{esc(by)}" '
+    cls = "figures compact" if compact else "figures"
+    return (f'<div class="{box}"><table class="{cls}" data-report="{esc(report)}" data-by="{esc(by)}" '
             f'data-key="{esc(key)}">{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
@@ -377,22 +392,66 @@ def heat_chart(by: str, step_hours: int, n_rows: int, has_unmonitored: bool = Tr
     return chart.to_dict()
 
 
-def endpoint_chart(rows: list[dict]) -> dict | None:
-    """Hours per endpoint, one bar per *_hours column (up, serving, ...), when the report has them."""
-    if not rows or "endpoint" not in rows[0]:
-        return None
-    hours = [k for k in rows[0] if k.endswith("_hours") and kind_of(k, [r.get(k) for r in rows]) == "hours"]
-    if not hours:
-        return None
+ENDPOINT_PARTS = (("serving_hours", "serving", "#54a24b"), ("idle_hours", "idle (up, no traffic)", "#e45756"),
+                  ("unknown_hours", "unknown (no good scrape)", "#b9b9b9"))
+
+
+def endpoint_chart(order: list[str], max_up_hours: float) -> dict:
+    """Per endpoint, one bar as long as its up hours, split into serving, idle and unknown hours (they add up to
+    up), labelled with its idle share; endpoints in the report's order (flagged first, then by cost)."""
     alt = _alt()
-    chart = alt.Chart(alt.Data(name="endpoints")).transform_fold(hours, as_=["measure", "hours"]).mark_bar().encode(
-        y=alt.Y("endpoint:N", title=None),
-        yOffset=alt.YOffset("measure:N"),
-        x=alt.X("hours:Q", title="hours"),
-        color=alt.Color("measure:N", title=None),
-        tooltip=[alt.Tooltip("endpoint:N"), alt.Tooltip("measure:N"), alt.Tooltip("hours:Q", format=",.2f")],
-    ).properties(width="container", height=28 * len(rows) * len(hours),
-                 title="Endpoints: hours up versus hours serving")
+    keys = [k for k, _, _ in ENDPOINT_PARTS]
+    label = " : ".join(f"datum.part == '{k}' ? '{t}'" for k, t, _ in ENDPOINT_PARTS[:-1]) + \
+        f" : '{ENDPOINT_PARTS[-1][1]}'"
+    y = alt.Y("endpoint:N", sort=order, title=None, axis=alt.Axis(labelLimit=260))
+    # room on the right for the labels; ticks and grid only up to the longest bar
+    x_scale = alt.Scale(domain=[0, max(1e-9, max_up_hours) * 1.22], nice=False)
+    x_axis = alt.Axis(values=hour_ticks(max_up_hours), title="hours (wall time) in the range")
+    bars = alt.Chart(alt.Data(name="endpoints")).transform_fold(keys, as_=["part", "hours"]).transform_calculate(
+        order=f"indexof({json.dumps(keys)}, datum.part)").mark_bar().encode(
+        y=y, x=alt.X("hours:Q", stack="zero", scale=x_scale, axis=x_axis),
+        color=alt.Color("part:N", title=None,
+                        scale=alt.Scale(domain=keys, range=[c for _, _, c in ENDPOINT_PARTS]),
+                        legend=alt.Legend(orient="top", labelExpr=label.replace("datum.part", "datum.label"))),
+        order=alt.Order("order:Q"),
+        tooltip=[alt.Tooltip("endpoint:N"), alt.Tooltip("phase:N"),
+                 alt.Tooltip("up_hours:Q", format=",.1f", title="up h"),
+                 alt.Tooltip("serving_hours:Q", format=",.1f", title="serving h"),
+                 alt.Tooltip("idle_hours:Q", format=",.1f", title="idle h"),
+                 alt.Tooltip("unknown_hours:Q", format=",.1f", title="unknown h"),
+                 alt.Tooltip("idle_share:Q", format=".1%", title="idle share"),
+                 alt.Tooltip("cost:Q", format="$,.2f", title="cost")])
+    text = alt.Chart(alt.Data(name="endpoints")).transform_calculate(
+        label="datum.idle_share == null ? '' : 'idle ' + format(100 * datum.idle_share, '.0f') + ' % of ' + "
+              "format(datum.up_hours, ',.1f') + ' h up'").mark_text(align="left", dx=4, fontSize=11).encode(
+        y=y, x=alt.X("up_hours:Q", scale=x_scale, axis=x_axis), text="label:N")
+    chart = alt.layer(bars, text).properties(width="container", height=26 * len(order) + 30,
+                                             title="Endpoints: hours up, split into serving and idle")
+    return chart.configure_view(strokeWidth=0).to_dict()
+
+
+HOUR_TICK_STEPS = (0.25, 0.5, 1, 2, 3, 4, 6, 12, 24, 48, 72, 168, 336, 720, 1440, 2160, 4320, 8760)
+
+
+def hour_ticks(top: float, most: int = 10) -> list[float]:
+    """Axis values 0, step, 2 step, ... up to `top` hours, at most `most` steps of a whole-hour-friendly size."""
+    if not top > 0:
+        return [0]
+    step = next((s for s in HOUR_TICK_STEPS if top / s <= most), None) or math.ceil(top / most)
+    return [i * step for i in range(int(top / step + 1e-9) + 1)]
+
+
+def workload_chart(order: list[str]) -> dict:
+    """The baseline's cost per workload class (training, inference, ...), one bar each."""
+    alt = _alt()
+    chart = alt.Chart(alt.Data(name="workloads")).mark_bar().encode(
+        y=alt.Y("workload:N", sort=order, title=None),
+        x=alt.X("cost:Q", title="cost", axis=alt.Axis(format="$,.0f")),
+        color=alt.condition(f"datum.workload == '{UNCLASSIFIED_WORKLOAD}'", alt.value("#b9b9b9"),
+                            alt.value("#4c78a8")),
+        tooltip=[alt.Tooltip("workload:N"), alt.Tooltip("cost:Q", format="$,.2f"),
+                 alt.Tooltip("share:Q", format=".1%", title="share of classified cost")],
+    ).properties(width="container", height=24 * len(order) + 20, title="AI cost by workload (baseline question 3)")
     return chart.to_dict()
 
 
@@ -484,25 +543,222 @@ def totals(idle: list[dict]) -> dict:
     return t
 
 
-def _generic_section(name: str, sec: Section, currency: str) -> tuple[str, dict | None, dict | None]:
-    """(HTML, chart spec, dataset) of an optional report."""
+# endpoints: every column of `gpuledger endpoints --format json` (collector/endpoints.py endpoint_row), in two
+# tables keyed by endpoint; `flag` is printed as text under them
+ENDPOINT_TIME_COLS = [
+    Col("endpoint", "endpoint", "text"), Col("phase", "phase", "text"), Col("up_hours", "up h", "hours"),
+    Col("serving_hours", "serving h", "hours"), Col("idle_hours", "idle h", "hours"),
+    Col("unknown_hours", "unknown h", "hours"), Col("idle_share", "idle share", "share"),
+    Col("requests", "requests", "int"), Col("prompt_tokens", "prompt tokens", "int"),
+    Col("generation_tokens", "generation tokens", "int"), Col("hosts", "hosts", "int"),
+    Col("server", "server", "text"), Col("counters", "request counters", "text"),
+    Col("scrape_errors", "scrape errors", "int")]
+ENDPOINT_COST_COLS = [
+    Col("endpoint", "endpoint", "text"), Col("cost", "cost", "money"), Col("idle_cost", "idle cost", "money"),
+    Col("cost_per_1k_requests", "per 1,000 requests", "rate"),
+    Col("cost_per_million_tokens", "per million tokens", "rate"),
+    Col("scale_to_zero_saving", "scale-to-zero saving", "money"), Col("cold_starts", "cold starts", "int"),
+    Col("scale_to_zero_down_hours", "scaled-down h", "hours"),
+    Col("office_hours_saving", "office-hours saving", "money"),
+    Col("requests_outside_hours", "requests outside hours", "int"), Col("gpu_hours", "GPU-hours", "hours"),
+    Col("active_hours", "active GPU-h", "hours"), Col("idle_held_hours", "idle-held GPU-h", "hours"),
+    Col("currency", "currency", "text")]
+ENDPOINT_CHART_TOP = 30  # endpoints drawn in the chart (the tables list all)
+
+
+def endpoint_cols(rows: list[dict]) -> tuple[list[Col], list[Col]]:
+    """The two tables' columns; a column the report gains later is appended to the second, printed by its name."""
+    known = {c.key for c in ENDPOINT_TIME_COLS + ENDPOINT_COST_COLS} | {"flag"}
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in known]
+    return ENDPOINT_TIME_COLS, ENDPOINT_COST_COLS + [Col(k, k.replace("_", " "), kind_of(k, [r.get(k) for r in rows]))
+                                                     for k in extra]
+
+
+def _unavailable(name: str, sec: Section) -> str:
+    return f'<p class="unavailable" data-unavailable="{esc(name)}">{esc(sec.note)}</p>'
+
+
+def endpoints_section(sec: Section, currency: str) -> tuple[str, dict]:
+    """(HTML, {chart name: (spec, {dataset: columnar rows})}) of the endpoints report."""
     if sec.rows is None:
-        return f'<p class="unavailable" data-unavailable="{esc(name)}">{esc(sec.note)}</p>', None, None
-    if not sec.rows:
-        return f'<p class="empty">No {esc(name)} rows in this range.</p>', None, None
-    keys = list(dict.fromkeys(k for r in sec.rows for k in r))
-    cols = [Col(k, k.replace("_", " "), kind_of(k, [r.get(k) for r in sec.rows])) for k in keys]
-    key = "endpoint" if "endpoint" in keys else keys[0]
-    out = table(sec.rows, cols, report=name, by="", key=key, currency=currency)
-    flag_cols = [k for k in keys if "flag" in k.lower()]
-    if flag_cols:
-        flagged = sum(1 for r in sec.rows if any(r.get(k) for k in flag_cols))
-        out = f'<p class="note">{flagged} of {len(sec.rows)} rows flagged ({esc(", ".join(flag_cols))}).</p>' + out
-    spec = endpoint_chart(sec.rows) if name == "endpoints" else None
-    ds = _columnar([{k: _clean(r.get(k)) for k in keys if isinstance(r.get(k), (int, float, str, type(None)))}
-                    for r in sec.rows], [k for k in keys if all(isinstance(r.get(k), (int, float, str, type(None)))
-                                                                 for r in sec.rows)]) if spec else None
-    return out, spec, ds
+        return _unavailable("endpoints", sec), {}
+    rows = sec.rows
+    note = ('<p class="note">From <code>gpuledger endpoints</code>. An endpoint is up while a process carrying its '
+            'name (GPULEDGER_ENDPOINT) holds a GPU or its server answers a scrape; it serves in the windows where its '
+            'server counted requests (or, without scraped counters, where its GPUs were busy); idle share is idle '
+            'over up hours. Cost is the GPU cost <code>cost --by endpoint</code> gives it. Savings replay each '
+            "endpoint's measured timeline: scale to zero after 15 idle minutes, and office hours (Monday to Friday, "
+            '08:00-18:00 UTC), the report\'s defaults.</p>')
+    if not rows:
+        return note + ('<p class="empty">No endpoint in this range: no process carried GPULEDGER_ENDPOINT and no '
+                       'inference server was scraped.</p>'), {}
+    flagged = [r for r in rows if r.get("flag")]
+    if flagged:
+        items = "".join(f'<li class="flag" data-flag="{esc(r["endpoint"])}"><b>{esc(r["endpoint"])}</b>: '
+                        f'<span class="text">{esc(r["flag"])}</span></li>' for r in flagged)
+        flags = (f'<div class="flags"><h3>Flagged ({len(flagged)} of {len(rows)})</h3>'
+                 f'<ul class="flags">{items}</ul></div>')
+    else:
+        flags = (f'<p class="ok">No endpoint flagged (a development or staging endpoint up at least 90 % of the range '
+                 f'while serving at most 6 hours a day would be), of {len(rows)}.</p>')
+    top = rows[:ENDPOINT_CHART_TOP]
+    charts = {}
+    if any((r.get("up_hours") or 0) > 0 for r in top):
+        keys = ["endpoint", "phase", "up_hours", "serving_hours", "idle_hours", "unknown_hours", "idle_share", "cost"]
+        spec = endpoint_chart([r["endpoint"] for r in top], max(r.get("up_hours") or 0.0 for r in top))
+        charts["endpoints"] = (spec, {"endpoints": _columnar([{k: _clean(r.get(k)) for k in keys} for r in top],
+                                                             keys)})
+    time_cols, cost_cols_ = endpoint_cols(rows)
+    more = (f'<p class="note">The chart shows the first {ENDPOINT_CHART_TOP} of {len(rows)} endpoints (flagged, then '
+            'by cost); the tables list all.</p>') if len(rows) > ENDPOINT_CHART_TOP else ""
+    chart = '<div class="chart" data-chart="endpoints"></div>' if charts else ""
+    body = (note + flags + chart + more
+            + table(rows, time_cols, report="endpoints", by="time", key="endpoint", currency=currency,
+                    caption="gpuledger endpoints: time and traffic")
+            + table(rows, cost_cols_, report="endpoints", by="cost", key="endpoint", currency=currency,
+                    caption="gpuledger endpoints: cost and what a policy would have saved"))
+    return body, charts
+
+
+# baseline: the document of collector/baseline.py baseline_document
+ANSWER_LABELS = {
+    "total_cloud_cost": "total cloud cost", "ai_cost": "AI cost", "ai_share": "AI share of the cloud bill",
+    "gpu_instance_cost": "GPU instances", "ai_service_cost": "AI services", "api_cost": "AI APIs",
+    "unbilled_gpu_cost": "GPU hosts no bill covers", "monitored_share": "GPU spend agents watch",
+    "unwatched_gpu_cost": "GPU spend no agent watches", "unwatched_gpu_instances": "GPU instances no agent reports",
+    "training_cost": "training (with fine-tuning)", "inference_cost": "inference",
+    "training_to_inference": "training : inference", "cost_per_successful_deployment":
+        "training cost per successful deployment", "training_util_pct": "training GPUs active",
+    "endpoint_up_hours": "endpoint GPU-hours up", "endpoint_serving_hours": "endpoint GPU-hours serving",
+    "endpoint_idle_share": "endpoint idle share"}
+BASELINE_WORKLOAD_COLS = [Col("workload", "workload", "text"), Col("cost", "cost", "money"),
+                          Col("share", "share of classified cost", "share")]
+BASELINE_UNTAGGED_SHARE_COLS = [Col("key", "tag", "text"),
+                                Col("gpu_cost_share", "share of GPU cost without it", "share"),
+                                Col("bill_cost_share", "share of bill cost without it", "share")]
+BASELINE_UNTAGGED_TOP_COLS = [Col("host", "host", "text"), Col("process", "process", "text"),
+                              Col("cost", "cost", "money"), Col("missing", "missing tags", "text")]
+BASELINE_INSTANCE_COLS = [Col("resource_id", "resource id", "text"), Col("host", "host (agent)", "text"),
+                          Col("instance_type", "instance type", "text"), Col("gpus", "GPUs", "int"),
+                          Col("cost", "cost", "money"), Col("billed_gpu_hours", "billed GPU-h", "hours"),
+                          Col("monitored_gpu_hours", "monitored GPU-h", "hours"),
+                          Col("coverage", "monitored share", "share"),
+                          Col("price_per_instance_hour", "per instance-hour", "money")]
+BASELINE_ENDPOINT_COLS = [Col("endpoint", "endpoint", "text"), Col("up_hours", "GPU-hours up", "hours"),
+                          Col("serving_hours", "GPU-hours serving", "hours")]
+
+
+def answer_kind(key: str, v) -> str:
+    """How a baseline answer is printed (as the baseline's own text rendering does)."""
+    if isinstance(v, (list, dict)) or isinstance(v, str):
+        return "text"
+    if key.endswith("_share"):
+        return "share"
+    if key.endswith("_pct"):
+        return "pct"
+    if key.endswith("_hours"):
+        return "hours"
+    if key == "training_to_inference":
+        return "ratio"
+    return "money"
+
+
+def _answer(key: str, v, currency: str) -> str:
+    kind = answer_kind(key, v)
+    if isinstance(v, list):
+        text = ", ".join(str(x) for x in v) or "none"
+        cls = "v list"
+    else:
+        text = fmt(kind, v, currency) + (" GPU-h" if kind == "hours" and v is not None else "")
+        cls = "v"
+    return (f'<div class="fig" data-answer="{esc(key)}" data-kind="{kind}" data-v="{esc(json.dumps(v))}">'
+            f'<div class="{cls}">{esc(text)}</div><div class="k">{esc(ANSWER_LABELS.get(key, key.replace("_", " ")))}'
+            f'</div></div>')
+
+
+def baseline_section(sec: Section, currency: str) -> tuple[str, dict]:
+    """(HTML, charts) of the baseline report: its one row's JSON document, question by question."""
+    if sec.rows is None:
+        return _unavailable("baseline", sec), {}
+    try:
+        doc = json.loads(sec.rows[0]["document"])
+        questions = doc["questions"]
+    except (IndexError, KeyError, TypeError, ValueError) as e:
+        return (f'<p class="warn">The collector\'s baseline could not be read ({esc(type(e).__name__)}: '
+                f'{esc(e)}).</p>'), {}
+    cur = (doc.get("currency") or currency).split(",")[0] or currency
+    out = [f'<p class="note">From <code>gpuledger baseline</code>: five questions finance asks, answered from the '
+           f'imported cloud bill, the AI API spend and the telemetry; {esc(doc.get("cost_basis", ""))} cost, '
+           f'{esc(doc.get("currency", ""))}, {esc(doc.get("since", ""))} to {esc(doc.get("until", ""))}. '
+           'Each answer says how it was computed, what it rests on and how much of the spend it covers.</p>']
+    if doc.get("flags"):
+        out.append('<div class="flags"><h3>Flags</h3><ul class="flags">'
+                   + "".join(f'<li class="flag">{esc(f)}</li>' for f in doc["flags"]) + "</ul></div>")
+    if doc.get("missing"):
+        out.append('<div class="missing"><h3>Missing or partial</h3><ul class="missing">'
+                   + "".join(f'<li data-missing="{i}">{esc(m)}</li>' for i, m in enumerate(doc["missing"]))
+                   + "</ul></div>")
+    charts = {}
+    for i, q in enumerate(questions, 1):
+        answers = q.get("answer", {})
+        figs = "".join(_answer(k, v, cur) for k, v in answers.items() if not k.endswith("_reason"))
+        reasons = "".join(f'<p class="reason" data-reason="{esc(k)}">{esc(v)}</p>' for k, v in answers.items()
+                          if k.endswith("_reason") and v)
+        flags = "".join(f'<p class="flag">{esc(f)}</p>' for f in q.get("flags", []))
+        cov = q.get("coverage_share")
+        covers = esc(q.get("covers", "")) + (f' <span class="cov" data-coverage="{esc(json.dumps(cov))}">(coverage '
+                                             f'{esc(share(cov))})</span>' if cov is not None else "")
+        extra = ""
+        qid = q.get("id", "")
+        if qid == "training_vs_inference" and doc.get("workload_costs"):
+            wl = doc["workload_costs"]
+            total = sum(v for v in wl.values() if v is not None)
+            rows = [{"workload": k, "cost": v, "share": (v / total) if total else None} for k, v in wl.items()]
+            order = [r["workload"] for r in rows]
+            keys = ["workload", "cost", "share"]
+            charts["baseline_workloads"] = (workload_chart(order), {"workloads": _columnar(
+                [{k: _clean(r[k]) for k in keys} for r in rows], keys)})
+            extra = ('<div class="chart" data-chart="baseline_workloads"></div>'
+                     + table(rows, BASELINE_WORKLOAD_COLS, report="baseline", by="workload", key="workload",
+                             currency=cur, compact=True,
+                             caption="workload_costs: every cost classified by its tags"))
+        elif qid == "gpu_monitoring" and doc.get("instances"):
+            inst = doc["instances"]
+            extra = (f'<details><summary>GPU instances in the bill ({len(inst)})</summary>'
+                     + table(inst, BASELINE_INSTANCE_COLS, report="baseline", by="instances", key="resource_id",
+                             currency=cur, caption="instances: billed and monitored GPU-hours") + "</details>")
+        elif qid == "endpoint_idle" and doc.get("endpoints"):
+            eps = [{"endpoint": k, **v} for k, v in sorted(doc["endpoints"].items())]
+            extra = (f'<details><summary>Per endpoint ({len(eps)})</summary>'
+                     + table(eps, BASELINE_ENDPOINT_COLS, report="baseline", by="endpoints", key="endpoint",
+                             currency=cur, compact=True,
+                             caption="GPU-hours of the endpoints' processes (not wall hours)")
+                     + "</details>")
+        out.append(
+            f'<article class="question" data-question="{esc(qid)}"><h3>{i}. {esc(q.get("question", ""))}</h3>'
+            f'<div class="figs">{figs}</div>{reasons}{flags}'
+            f'<dl class="basis"><dt>how</dt><dd>{esc(q.get("method", ""))}</dd>'
+            f'<dt>rests on</dt><dd>{esc("; ".join(q.get("rests_on", [])) or "-")}</dd>'
+            f'<dt>covers</dt><dd>{covers}</dd></dl>{extra}</article>')
+    us = doc.get("untagged_share") or {}
+    if us:
+        keys = list(dict.fromkeys(k for part in us.values() for k in (part or {})))
+        gpu, bill = us.get("gpu_cost") or {}, us.get("bill_cost") or {}
+        rows = [{"key": k, "gpu_cost_share": gpu.get(k), "bill_cost_share": bill.get(k)} for k in keys]
+        out.append('<h3>Tagging</h3><p class="note">Share of cost without each tag: GPU cost by the tags of the '
+                   "processes (the host's own for its owner's time), the bill by its resource tags. Tag processes "
+                   "with GPULEDGER_TEAM, GPULEDGER_PROJECT and GPULEDGER_PHASE, hosts in the agent's config.</p>"
+                   + table(rows, BASELINE_UNTAGGED_SHARE_COLS, report="baseline", by="untagged_share", key="key",
+                           currency=cur, compact=True, caption="untagged_share"))
+    top = doc.get("untagged_top") or []
+    if top:
+        rows = [{**u, "key": f"{u.get('host')}/{u.get('process') or ''}",
+                 "process": u.get("process") or "(host owner)", "missing": ", ".join(u.get("missing") or [])}
+                for u in top]
+        out.append(table(rows, BASELINE_UNTAGGED_TOP_COLS, report="baseline", by="untagged_top", key="key",
+                         currency=cur, compact=True,
+                         caption="untagged_top: the costliest hosts and processes missing a tag"))
+    return "".join(out), charts
 
 
 def render(data: ReportData) -> str:
@@ -552,16 +808,15 @@ def render(data: ReportData) -> str:
                                                  "idle_free_ms", "unmonitored_ms"])
         charts["heat"] = ["heat"]
 
-    # optional sections
+    # endpoints and baseline (reports the collector may not serve)
     optional_html = {}
-    for name in OPTIONAL_REPORTS:
+    for name, section in (("endpoints", endpoints_section), ("baseline", baseline_section)):
         sec = data.optional.get(name, Section(None, "not available on this collector"))
-        body, spec, ds = _generic_section(name, sec, cur)
-        if spec is not None:
-            specs[name] = spec
-            datasets[name] = ds
-            charts[name] = [name]
-            body = f'<div class="chart" data-chart="{name}"></div>' + body
+        body, sec_charts = section(sec, cur)
+        for chart_name, (spec, ds) in sec_charts.items():
+            specs[chart_name] = spec
+            datasets.update(ds)
+            charts[chart_name] = list(ds)
         optional_html[name] = body
 
     kpis = "".join(
@@ -610,7 +865,7 @@ at the instance price (<code>gpuledger idle</code>). Unmonitored time (no data) 
 {'<div class="chart" data-chart="heat"></div>' if heat_rows else '<p class="empty">No GPU time in this range.</p>'}
 </section>
 <section id="endpoints"><h2>Endpoints: up versus serving</h2>{optional_html["endpoints"]}</section>
-<section id="baseline"><h2>Baseline</h2>{optional_html["baseline"]}</section>
+<section id="baseline"><h2>Finance baseline</h2>{optional_html["baseline"]}</section>
 <section id="prices"><h2>Prices</h2>
 <p class="note">Every cost on this page is at the price in force for each host and period, from these sources
 (the collector's, as <code>gpuledger pricing</code> lists them):</p><ul class="sources">{sources}</ul>
@@ -706,6 +961,7 @@ nav a { margin-right: 14px; color: #0969da; text-decoration: none; }
 .scroll.tall thead th { position: sticky; top: 0; }
 .chart { width: 100%; min-height: 60px; margin: 6px 0 10px; }
 table.figures { border-collapse: collapse; margin: 6px 0 14px; font-size: 12.5px; width: 100%; }
+table.figures.compact { width: auto; min-width: 480px; }
 table.figures caption { text-align: left; color: var(--muted); font-family: ui-monospace, monospace; font-size: 12px;
                         padding-bottom: 4px; }
 table.figures th, table.figures td { border-bottom: 1px solid var(--line); padding: 3px 8px; text-align: left;
@@ -714,6 +970,26 @@ table.figures th { background: var(--bg); font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 details { margin: 0 0 12px; } summary { cursor: pointer; color: var(--muted); }
 .unavailable, .empty { color: var(--muted); font-style: italic; } .warn { color: #9a6700; }
+.ok { color: #1a7f37; }
+div.flags, div.missing { border-left: 4px solid #cf222e; background: #fff5f5; padding: 6px 12px; margin: 10px 0;
+                          border-radius: 0 6px 6px 0; max-width: 1100px; }
+div.missing { border-left-color: #9a6700; background: #fff8e6; }
+div.flags h3, div.missing h3 { margin: 2px 0 4px; font-size: 14px; }
+ul.flags, ul.missing { margin: 0; padding-left: 18px; }
+li.flag, p.flag { color: #82071e; } p.flag { background: #fff5f5; border-left: 4px solid #cf222e; padding: 4px 10px;
+                                             margin: 6px 0; max-width: 1100px; }
+p.flag::before { content: "\\2691  "; }
+article.question { border: 1px solid var(--line); border-radius: 6px; padding: 4px 14px 8px; margin: 12px 0; }
+article.question h3 { margin: 8px 0 8px; }
+.figs { display: flex; flex-wrap: wrap; gap: 8px; }
+.fig { background: var(--bg); border-radius: 6px; padding: 6px 12px; min-width: 120px; max-width: 420px; }
+.fig .v { font-size: 17px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.fig .v.list { font-size: 12.5px; font-weight: 400; font-family: ui-monospace, monospace; word-break: break-all; }
+.fig .k { color: var(--muted); font-size: 12px; }
+p.reason { color: var(--muted); font-size: 12.5px; margin: 6px 0; }
+dl.basis { display: grid; grid-template-columns: 80px 1fr; gap: 2px 10px; margin: 10px 0 4px; font-size: 12.5px;
+           max-width: 1100px; }
+dl.basis dt { color: var(--muted); } dl.basis dd { margin: 0; }
 footer { margin-top: 36px; border-top: 1px solid var(--line); padding-top: 8px; font-size: 12px; }
 @media print { nav { display: none; } .chart { break-inside: avoid; } }
 """
