@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from gpuledger.collector import allocation
 from gpuledger.collector.allocation import MS_PER_HOUR, Periods, StateTally, price_breakpoints
@@ -297,14 +299,26 @@ def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: in
                    | {e for e, _ in tallies if not opts.endpoint or e == opts.endpoint})
     e_name = np.asarray(_strings(ew, "endpoint"), dtype=object)
     h_name = np.asarray(_strings(hw, "ep"), dtype=object)
+    # every column converted once, not once per endpoint
+    ec = {c: _col(ew, c) for c in ("w", "window_start_ms", "scraped", "run", "r", "p", "g", "err")}
+    hc = {c: _col(hw, c) for c in ("start", "held", "busy", "cost")}
+    e_hosts = np.asarray(ew.column("hosts").to_pylist(), dtype=object)
+    e_server = np.asarray(_strings(ew, "server"), dtype=object)
+    h_hosts: dict[str, set] = {}
+    if hw.num_rows:  # the distinct (endpoint, host) pairs, without a Python list per window
+        ep_of = pc.list_parent_indices(hw.column("hosts"))
+        t = pa.table({"ep": pc.take(hw.column("ep"), ep_of), "h": pc.list_flatten(hw.column("hosts"))})
+        t = t.group_by(["ep", "h"]).aggregate([])
+        for ep, h in zip(t.column("ep").to_pylist(), t.column("h").to_pylist(), strict=True):
+            h_hosts.setdefault(str(ep), set()).add(h)
     out: dict[str, Timeline] = {}
     for name in names:
         em = e_name == name
         hm = h_name == name
-        wms = _col(ew, "w")[em]
+        wms = ec["w"][em]
         w = int(np.bincount(wms).argmax()) if wms.size else DEFAULT_WINDOW_MS
-        e_start = _col(ew, "window_start_ms")[em].astype(np.int64) // w * w
-        h_start = _col(hw, "start")[hm].astype(np.int64) // w * w
+        e_start = ec["window_start_ms"][em].astype(np.int64) // w * w
+        h_start = hc["start"][hm].astype(np.int64) // w * w
         starts = np.union1d(e_start, h_start)
         n = starts.size
         ei = np.searchsorted(starts, e_start)
@@ -315,17 +329,17 @@ def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: in
             np.add.at(arr, idx, values)
             return arr
 
-        scraped = place(_col(ew, "scraped")[em].astype(np.int64), ei)
+        scraped = place(ec["scraped"][em].astype(np.int64), ei)
         running = np.zeros(n, np.int64)
-        np.maximum.at(running, ei, _col(ew, "run")[em].astype(np.int64))
-        requests = place(_col(ew, "r")[em].astype(np.int64), ei)
-        held = place(_col(hw, "held")[hm].astype(np.float64), hi, np.float64)
-        busy = place(_col(hw, "busy")[hm].astype(np.float64), hi, np.float64)
+        np.maximum.at(running, ei, ec["run"][em].astype(np.int64))
+        requests = place(ec["r"][em].astype(np.int64), ei)
+        held = place(hc["held"][hm].astype(np.float64), hi, np.float64)
+        busy = place(hc["busy"][hm].astype(np.float64), hi, np.float64)
         ep_tally = StateTally()
         for (ep, _host), tally in tallies.items():
             if ep == name:
                 ep_tally.merge(tally)
-        cost = place(_col(hw, "cost")[hm].astype(np.float64), hi, np.float64)
+        cost = place(hc["cost"][hm].astype(np.float64), hi, np.float64)
         has_counters = bool((scraped > 0).any())
         known = scraped > 0
         up = (held > 0) | known
@@ -333,18 +347,17 @@ def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: in
             serving = known & ((requests > 0) | (running > 0))
         else:
             serving = (held > 0) & (busy >= opts.active_threshold_pct / 100.0 * held)
-        hosts = {h for hs in np.asarray(hw.column("hosts").to_pylist(), dtype=object)[hm] for h in hs}
-        if em.any():
-            for hs in np.asarray(ew.column("hosts").to_pylist(), dtype=object)[em]:
-                hosts.update(hs)
-        servers = [s for s in np.asarray(_strings(ew, "server"), dtype=object)[em] if s]
+        hosts = set(h_hosts.get(name, ()))
+        for hs in e_hosts[em]:
+            hosts.update(hs)
+        servers = [s for s in e_server[em] if s]
         out[name] = Timeline(
             endpoint=name, window_ms=w, starts=starts, up=up, known=known, serving=serving, requests=requests,
-            prompt_tokens=place(_col(ew, "p")[em].astype(np.int64), ei),
-            generation_tokens=place(_col(ew, "g")[em].astype(np.int64), ei),
+            prompt_tokens=place(ec["p"][em].astype(np.int64), ei),
+            generation_tokens=place(ec["g"][em].astype(np.int64), ei),
             held_ms=held, busy_ms=busy, cost=cost, has_counters=has_counters,
             server=servers[0] if servers else "", phase=phases.get(name, ""), hosts=hosts,
-            scrape_errors=int(_col(ew, "err")[em].sum()) if em.any() else 0,
+            scrape_errors=int(ec["err"][em].sum()) if em.any() else 0,
             tally=ep_tally if any(e == name for e, _ in tallies) else None)
     return out
 
