@@ -15,6 +15,7 @@ import json
 from datetime import UTC, datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gpuledger.collector import allocation
 from gpuledger.collector.allocation import HostRecord, Periods, price_breakpoints
@@ -60,11 +61,6 @@ class ExportError(ValueError):
 @functools.lru_cache(maxsize=65536)
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@functools.lru_cache(maxsize=65536)
-def _ts(iso: str) -> datetime:
-    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def _month_bounds(ms: int) -> tuple[int, int]:
@@ -156,11 +152,12 @@ def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granulari
 
 
 def focus_table(rows: list[dict]) -> pa.Table:
-    """The rows with FOCUS column types: timestamps (UTC), float64 amounts, strings; no null-typed column."""
-    cols = {}
-    for f in FOCUS_SCHEMA:
-        values = [r.get(f.name) for r in rows]
+    """The rows with FOCUS column types: timestamps (UTC), float64 amounts, strings; no null-typed column.
+    Arrow converts the dicts (in C++) with the timestamps as text, then parses each timestamp column."""
+    as_text = pa.schema([pa.field(f.name, pa.string()) if f.type == _TS else f for f in FOCUS_SCHEMA])
+    t = pa.Table.from_pylist(rows, schema=as_text)
+    for i, f in enumerate(FOCUS_SCHEMA):
         if f.type == _TS:
-            values = [None if v is None else _ts(v) for v in values]
-        cols[f.name] = pa.array(values, f.type)
-    return pa.table(cols, schema=FOCUS_SCHEMA)
+            parsed = pc.assume_timezone(pc.strptime(t.column(i), format="%Y-%m-%dT%H:%M:%SZ", unit="ms"), "UTC")
+            t = t.set_column(i, f, parsed)
+    return t
