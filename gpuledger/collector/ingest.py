@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+import pyarrow.compute as pc
 from google.protobuf.message import DecodeError
 
 from gpuledger.clock import Clock
@@ -165,14 +166,23 @@ class Ingest:
 
     @staticmethod
     def _grids(v: Valid) -> dict:
-        """(gpu, window_ms) -> (sorted window starts, window_ms) of a batch."""
-        g = v.gpu.column("gpu_uuid").to_numpy(zero_copy_only=False)
+        """(gpu, window_ms) -> (sorted window starts, window_ms) of a batch (computed once per batch)."""
+        cached = getattr(v, "_grids_cache", None)
+        if cached is not None:
+            return cached
+        enc = pc.dictionary_encode(v.gpu.column("gpu_uuid")).combine_chunks()
+        names = enc.dictionary.to_pylist()
+        g = enc.indices.to_numpy().astype(np.int64)
         w = v.gpu.column("window_ms").to_numpy().astype(np.int64)
         s = v.gpu.column("window_start_ms").to_numpy()
+        order = np.lexsort((s, w, g))
+        g, w, s = g[order], w[order], s[order]
+        cut = np.flatnonzero((np.diff(g) != 0) | (np.diff(w) != 0)) + 1
         out = {}
-        for key in set(zip(g.tolist(), w.tolist(), strict=True)):
-            m = (g == key[0]) & (w == key[1])
-            out[key] = (np.sort(s[m]), int(key[1]))
+        for a, b in zip(np.concatenate(([0], cut)), np.concatenate((cut, [g.size])), strict=True):
+            if b > a:
+                out[(names[g[a]], int(w[a]))] = (s[a:b], int(w[a]))
+        v._grids_cache = out
         return out
 
     def _check_overlap(self, v: Valid, st: _HostState) -> None:
