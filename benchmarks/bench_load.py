@@ -197,6 +197,12 @@ async def run_agent(agent: int, batches: list[bytes], target: str, t0: float, a:
             await asyncio.wait_for(changed.wait_for(lambda: not unacked), max(0.1, drain_until - loop.time()))
     except TimeoutError:
         pass
+    except asyncio.InvalidStateError:  # the collector ended the stream; the reader has its status
+        try:
+            code, details = await call.code(), await call.details()
+        except Exception:  # noqa: BLE001
+            code, details = "?", ""
+        st["error"] = st["error"] or f"stream ended by the collector: {code}: {details}"[:200]
     except grpc.RpcError as e:
         st["error"] = f"{e.code()}: {e.details()}"
     finally:

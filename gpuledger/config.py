@@ -144,7 +144,7 @@ class CollectorConfig:
     seal_settle_s: float = 60.0  # a host-hour is rolled up once nothing landed in it for this long
     max_future_s: float = 300.0
     insert_max_rows: int = 500_000
-    insert_max_wait_s: float = 0.05
+    insert_max_wait_s: float = 0.2  # a group commit waits this long for more batches (fewer, larger inserts)
     max_pending_rows: int = 2_000_000
     tokens_file: str = ""
     query_token_file: str = ""

@@ -358,16 +358,6 @@ def attributed_sums(store: Store, periods: Periods, label_sql: str, label_params
 # ----------------------------------------------------------------------------- per GPU and period
 
 
-@dataclass
-class GpuPeriod:
-    """One GPU in one period: what its windows cover, and what was expected."""
-
-    host_id: str
-    gpu_uuid: str
-    key: tuple[int, int]  # (grid, seg)
-    covered: StateMs = field(default_factory=StateMs)  # unmonitored = expected - covered
-
-
 def gpu_period_table(store: Store, periods: Periods, now_ms: int, rules: coverage.CoverageRules,
                      host_filter: str = "") -> tuple[pa.Table, dict[str, coverage.HostStatus]]:
     """Per (host, GPU, grid, seg), columnar: host_id, gpu_uuid, grid, seg and the ms of each state, unmonitored
@@ -381,24 +371,13 @@ def gpu_period_table(store: Store, periods: Periods, now_ms: int, rules: coverag
     edges, keys = periods.pieces()
     grid_of = np.array([k[0] for k in keys], np.int64)
     seg_of = np.array([k[1] for k in keys], np.int64)
-    hosts, gpus, grids, segs, exps = [], [], [], [], []
-    for (host_id, uuid), e in expected.items():
-        per_piece = e.per_period(edges)
-        nz = np.flatnonzero(per_piece)
-        if not nz.size:
-            continue
-        hosts.append(np.full(nz.size, host_id, object))
-        gpus.append(np.full(nz.size, uuid, object))
-        grids.append(grid_of[nz])
-        segs.append(seg_of[nz])
-        exps.append(per_piece[nz].astype(np.float64))
-
-    def cat(parts, dtype):
-        return np.concatenate(parts) if parts else np.zeros(0, dtype)
-
-    exp = pa.table({"host_id": pa.array(cat(hosts, object), pa.string()),
-                    "gpu_uuid": pa.array(cat(gpus, object), pa.string()),
-                    "grid": cat(grids, np.int64), "seg": cat(segs, np.int64), "expected": cat(exps, np.float64)})
+    gpu_keys, matrix = coverage.expected_matrix(expected, edges)
+    gi, pi = np.nonzero(matrix)
+    host_of = np.array([k[0] for k in gpu_keys], object)
+    uuid_of = np.array([k[1] for k in gpu_keys], object)
+    exp = pa.table({"host_id": pa.array(host_of[gi] if gi.size else np.zeros(0, object), pa.string()),
+                    "gpu_uuid": pa.array(uuid_of[gi] if gi.size else np.zeros(0, object), pa.string()),
+                    "grid": grid_of[pi], "seg": seg_of[pi], "expected": matrix[gi, pi].astype(np.float64)})
     joined = sums.join(exp, keys=["host_id", "gpu_uuid", "grid", "seg"], join_type="full outer")
     fill = {name: pc.fill_null(joined.column(name), 0.0) for name in ("active", "idle_held", "idle_free",
                                                                      "expected")}
@@ -410,17 +389,6 @@ def gpu_period_table(store: Store, periods: Periods, now_ms: int, rules: coverag
     return out, status
 
 
-def gpu_periods(store: Store, periods: Periods, now_ms: int, rules: coverage.CoverageRules,
-                host_filter: str = "") -> tuple[dict[tuple, GpuPeriod], dict[str, coverage.HostStatus]]:
-    """Per (host, GPU, grid, seg): covered state ms and unmonitored ms (expected minus covered, never < 0)."""
-    t, status = gpu_period_table(store, periods, now_ms, rules, host_filter)
-    cols = [t.column(n).to_pylist() for n in ("host_id", "gpu_uuid", "grid", "seg", "active", "idle_held",
-                                              "idle_free", "unmonitored")]
-    out = {(h, u, g, s): GpuPeriod(h, u, (g, s), StateMs(a, ih, f, um))
-           for h, u, g, s, a, ih, f, um in zip(*cols, strict=True)}
-    return out, status
-
-
 def allocate(store: Store, pricing: Pricing, periods: Periods, now_ms: int, rules: coverage.CoverageRules,
              label_sql: str, label_params: dict, owner, *, by_period: bool = False,
              host_filter: str = "") -> dict:
@@ -428,7 +396,7 @@ def allocate(store: Store, pricing: Pricing, periods: Periods, now_ms: int, rule
     {(label, (grid, seg)): StateTally}. `owner(host: HostRecord) -> label` takes what no process accounts for."""
     hosts = load_hosts(store)
     prices = Prices(pricing, hosts, load_shares(store), periods)
-    gps, _status = gpu_periods(store, periods, now_ms, rules, host_filter)
+    gpt, _status = gpu_period_table(store, periods, now_ms, rules, host_filter)
     acc: dict = {}
 
     def slot(label, key):
@@ -445,10 +413,11 @@ def allocate(store: Store, pricing: Pricing, periods: Periods, now_ms: int, rule
         a = attributed.setdefault((host_id, uuid, *key), [0.0, 0.0])
         a[0] += ms.active
         a[1] += ms.idle_held
-    for (host_id, uuid, g, seg), gp in gps.items():
+    cols = [gpt.column(n).to_pylist() for n in ("host_id", "gpu_uuid", "grid", "seg", "active", "idle_held",
+                                                "idle_free", "unmonitored")]
+    for host_id, uuid, g, seg, active, held, free, unmon in zip(*cols, strict=True):
         a = attributed.get((host_id, uuid, g, seg), (0.0, 0.0))
-        rest = StateMs(max(0.0, gp.covered.active - a[0]), max(0.0, gp.covered.idle_held - a[1]),
-                       gp.covered.idle_free, gp.covered.unmonitored)
+        rest = StateMs(max(0.0, active - a[0]), max(0.0, held - a[1]), free, unmon)
         if rest.total <= 0:
             continue
         tally = acc.setdefault(slot(owner(prices.host(host_id)), (g, seg)), StateTally())

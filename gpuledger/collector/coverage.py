@@ -66,6 +66,28 @@ class GpuExpectation:
         return np.diff(cum)
 
 
+def expected_matrix(expected: dict[tuple[str, str], GpuExpectation], edges) -> tuple[list[tuple[str, str]],
+                                                                                     np.ndarray]:
+    """Expected ms of every GPU in every period [edges[i], edges[i+1]), in one pass over all intervals:
+    (the GPUs, in order; a matrix of GPUs x periods). What GpuExpectation.per_period gives one GPU at a time."""
+    keys = list(expected)
+    n_periods = max(len(edges) - 1, 0)
+    out = np.zeros((len(keys), n_periods), np.int64)
+    by_window: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        if expected[k].intervals:
+            by_window.setdefault(expected[k].window_ms, []).append(i)
+    base = np.asarray(edges, np.int64)
+    for w, rows in by_window.items():  # edges snap up to each window grid: one group per window length
+        e = _ceil(base, w)
+        owner = np.concatenate([np.full(len(expected[keys[i]].intervals), i, np.int64) for i in rows])
+        iv = np.concatenate([np.asarray(expected[keys[i]].intervals, np.int64) for i in rows])
+        a, b = iv[:, 0][:, None], iv[:, 1][:, None]
+        per_interval = np.diff(np.clip(e[None, :], a, b) - a, axis=1)  # intervals x periods
+        np.add.at(out, owner, per_interval)
+    return keys, out
+
+
 @dataclass
 class _Session:
     host_id: str

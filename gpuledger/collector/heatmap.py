@@ -1,6 +1,6 @@
 """The utilization heat map report: GPU (or host) x hour, each cell split into the four GPU states.
 
-`heatmap_table(...)` reads the same sums as every other report (allocation.gpu_periods: the hourly
+`heatmap_table(...)` reads the same sums as every other report (allocation.gpu_period_table: the hourly
 rollups where current, the raw windows elsewhere, unmonitored time from coverage) on a grid of
 `step_hours` hours aligned to the UTC epoch, so cells of one step line up across reports. No price
 is applied: a cell tells time, not money.

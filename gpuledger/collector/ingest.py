@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-import pyarrow.compute as pc
 from google.protobuf.message import DecodeError
 
 from gpuledger.clock import Clock
 from gpuledger.collector.store import Store
-from gpuledger.collector.validate import Invalid, Limits, TooLarge, Valid, clip, validate
+from gpuledger.collector.validate import Invalid, Limits, TooLarge, Valid, clip, validate, window_grids
 from gpuledger.collector.writer import Writer
 from gpuledger.v1 import telemetry_pb2 as pb
 
@@ -161,29 +160,8 @@ class Ingest:
             # accepted: later batches are checked against these windows too, stored yet or not
             if batch_first is not None:
                 st.earliest_ms = batch_first if st.earliest_ms is None else min(st.earliest_ms, batch_first)
-            for key, (starts, w) in self._grids(v).items():
+            for key, (starts, w) in window_grids(v).items():
                 st.runs[key] = _merge_runs(st.runs.get(key, []), starts, w)
-
-    @staticmethod
-    def _grids(v: Valid) -> dict:
-        """(gpu, window_ms) -> (sorted window starts, window_ms) of a batch (computed once per batch)."""
-        cached = getattr(v, "_grids_cache", None)
-        if cached is not None:
-            return cached
-        enc = pc.dictionary_encode(v.gpu.column("gpu_uuid")).combine_chunks()
-        names = enc.dictionary.to_pylist()
-        g = enc.indices.to_numpy().astype(np.int64)
-        w = v.gpu.column("window_ms").to_numpy().astype(np.int64)
-        s = v.gpu.column("window_start_ms").to_numpy()
-        order = np.lexsort((s, w, g))
-        g, w, s = g[order], w[order], s[order]
-        cut = np.flatnonzero((np.diff(g) != 0) | (np.diff(w) != 0)) + 1
-        out = {}
-        for a, b in zip(np.concatenate(([0], cut)), np.concatenate((cut, [g.size])), strict=True):
-            if b > a:
-                out[(names[g[a]], int(w[a]))] = (s[a:b], int(w[a]))
-        v._grids_cache = out
-        return out
 
     def _check_overlap(self, v: Valid, st: _HostState) -> None:
         """A window overlapping another window of a different length is refused, naming both. Windows of one
@@ -191,7 +169,7 @@ class Ingest:
         with another window_s) needs looking at. Windows this process accepted are checked exactly (stored or
         still in the writer's queue); older stored ones where the span of another length meets the batch."""
         host_id = v.batch.host.host_id
-        for (g, w), (starts, _) in self._grids(v).items():
+        for (g, w), (starts, _) in window_grids(v).items():
             ends = starts + w
             for (g2, w2), runs in st.runs.items():
                 if g2 != g or w2 == w or not runs:

@@ -126,14 +126,16 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
     periods = _periods(pricing, since, until)
     hosts = allocation.load_hosts(store)
     prices = allocation.Prices(pricing, hosts, allocation.load_shares(store), periods)
-    gps, status = allocation.gpu_periods(store, periods, now_ms, rules, host_filter)
+    t, status = allocation.gpu_period_table(store, periods, now_ms, rules, host_filter)
     acc: dict[tuple, tuple[HostRecord, str | None, StateTally]] = {}
-    for (host_id, uuid, _g, seg), gp in gps.items():
+    cols = [t.column(n).to_pylist() for n in ("host_id", "gpu_uuid", "seg", "active", "idle_held", "idle_free",
+                                              "unmonitored")]
+    for host_id, uuid, seg, active, held, free, unmon in zip(*cols, strict=True):
         key = (host_id,) if by == "host" else (host_id, uuid)
         if key not in acc:
             acc[key] = (prices.host(host_id), uuid if by == "gpu" else None, StateTally())
         tally = acc[key][2]
-        tally.add(prices(host_id, uuid, seg), gp.covered)
+        tally.add(prices(host_id, uuid, seg), allocation.StateMs(active, held, free, unmon))
         tally.gpus.add(uuid)
     dropped = _dropped(store, host_filter)
     out = []
@@ -153,7 +155,7 @@ def idle_rows(store: Store, pricing: Pricing, since: int, until: int, by: str, f
 
 def _dropped(store: Store, host_filter: str = "") -> dict[str, int]:
     where = "WHERE host_id = {host:String}" if host_filter else ""
-    rows = store.report_rows(f"SELECT host_id, max(dropped_windows) FROM {store.db}.host_contact {where} "
+    rows = store.report_rows(f"SELECT host_id, max(dropped_windows) FROM {store.db}.sessions {where} "
                              "GROUP BY host_id", {"host": host_filter})
     return {r[0]: int(r[1]) for r in rows}
 
@@ -210,7 +212,7 @@ def retire(store: Store, host_id: str, at_ms: int, note: str, now_ms: int,
     """Record that a host is gone from `at_ms`; returns (at_ms, the host's state now)."""
     if not host_id or len(host_id) > 128:
         raise ReportError("host_id: required, at most 128 characters")
-    known = store.query_rows(f"SELECT count() FROM {store.db}.host_contact WHERE host_id = {{h:String}}",
+    known = store.query_rows(f"SELECT count() FROM {store.db}.sessions WHERE host_id = {{h:String}}",
                              {"h": host_id})[0][0]
     if not known:
         raise ReportError(f"host_id: {host_id[:80]!r} has never reported to this collector")

@@ -8,13 +8,14 @@ the raw tables read with FINAL, and a rebuild replaces the previous rows (Replac
 sealing pass's version), so resends, replays and late windows stay exactly-once.
 
 Which host-hours are current is kept in two small tables:
-- rollup_marks: every group commit writes, for each host-hour its windows touch, a mark (the
-  collector's clock in µs, strictly increasing) before its windows and a greater one after them;
+- rollup_marks: every group commit writes, once its windows are stored, a mark for each host-hour
+  they touch (the collector's clock in µs, strictly increasing);
 - rollup_built: after rebuilding a host-hour, the sealer records the newest mark it saw for it.
-A host-hour is current when its newest mark is not newer than its built mark. A commit that lands
-while the sealer reads writes its after-mark later, so the host-hour shows as stale again and reports
-read it raw until the next pass. Reports read rollups only for current host-hours and whole hours,
-and the raw windows for the rest (allocation.py).
+A host-hour is current when its newest mark is not newer than its built mark. A commit whose windows
+land while the sealer reads writes its mark after them, so the host-hour shows as stale again and
+reports read it raw until the next pass; a commit that fails before its mark is not acknowledged, and
+the agent's resend writes it. Reports read rollups only for current host-hours and whole hours, and
+the raw windows for the rest (allocation.py).
 
 The sealer rolls a host-hour up once nothing landed in it for `settle_s`, so a live hour is rebuilt
 once, not every flush.

@@ -11,8 +11,9 @@ Tables (all in one database):
   (`active_attr_us`, `held_attr_us`), so reports never join process windows to GPU windows.
 - processes, hosts, gpus: facts, written when new or changed.
 - sessions: per agent run (host, epoch, session start) and GPU: the first and last window, the
-  stop, the last batch received (min/max aggregates, so resends change nothing). Coverage reads it.
-- host_contact, host_events: the host's first and last contact, dropped windows; retirements.
+  stop, the last batch received, the windows its spool dropped (min/max aggregates, so resends
+  change nothing). Coverage reads it.
+- host_events: retirements.
 - gpu_hours, alloc_hours: hourly rollups built from FINAL data by the sealer (rollup.py), with
   rollup_marks / rollup_built telling reports which host-hours are current.
 - agent_batches: a log of received batches, kept `batch_log_days`.
@@ -144,13 +145,9 @@ TABLES: dict[str, Table] = {
         host_id LowCardinality(String), agent_epoch UInt64, session_start_ms Int64,
         gpu_uuid LowCardinality(String), window_ms UInt32,
         first_window_ms {_MIN}, last_end_ms {_MAX}, declared_first_ms {_MIN},
-        stopped_ms {_MAX}, received_ms {_MAX}
+        stopped_ms {_MAX}, received_ms {_MAX}, dropped_windows SimpleAggregateFunction(max, UInt64)
     """, "AggregatingMergeTree", "(host_id, agent_epoch, session_start_ms, gpu_uuid, window_ms)",
                       ttl_column="received_ms", ttl="windows"),
-    "host_contact": Table(f"""
-        host_id LowCardinality(String), first_received_ms {_MIN}, last_received_ms {_MAX},
-        first_window_ms {_MIN}, dropped_windows SimpleAggregateFunction(max, UInt64)
-    """, "AggregatingMergeTree", "host_id"),
     "host_events": Table("""
         host_id String, kind LowCardinality(String), at_ms Int64, recorded_ms Int64, note String
     """, "ReplacingMergeTree", "(host_id, kind, at_ms)", "recorded_ms", ttl_column="at_ms", ttl="windows"),
@@ -223,9 +220,10 @@ TABLES: dict[str, Table] = {
                            ttl_column="received_ms", ttl="batches"),
 }
 
-# group commit order: the rollup marks first and last (see rollup.py), windows before the facts about them
-INSERT_ORDER = ("rollup_marks", "gpu_windows", "proc_windows", "endpoint_windows", "processes", "hosts", "gpus",
-                "sessions", "host_contact", "agent_batches")
+# group commit order: windows before the facts about them; the rollup marks last, once the windows are in
+# (see rollup.py)
+INSERT_ORDER = ("gpu_windows", "proc_windows", "endpoint_windows", "processes", "hosts", "gpus", "sessions",
+                "agent_batches", "rollup_marks")
 
 PARTITION_FUNCTIONS = {"month": "toYYYYMM", "week": "toMonday", "day": "toYYYYMMDD"}
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -374,7 +372,8 @@ class Store:
         # columns added after the first release: existing stores gain them (on a cluster, the local tables
         # and the Distributed tables in front of them)
         added = [("hosts", "instance_id String DEFAULT ''"), ("proc_windows", f"active_attr_us {U32}"),
-                 ("proc_windows", f"held_attr_us {U32}")]
+                 ("proc_windows", f"held_attr_us {U32}"),
+                 ("sessions", "dropped_windows SimpleAggregateFunction(max, UInt64) DEFAULT 0")]
         for table, col in added:
             names = [f"{table}_local", table] if self.opt.cluster else [table]
             for name in names:
@@ -399,8 +398,8 @@ class Store:
 
     # ------------------------------------------------------------------ writes
     def insert(self, tables: dict[str, pa.Table]) -> None:
-        """Insert one group commit in INSERT_ORDER, the rollup marks again at the end. A failure part-way
-        leaves no facts without their windows; a retry re-inserts the windows, which the ReplacingMergeTree
+        """Insert one group commit in INSERT_ORDER. A failure part-way leaves no facts without their windows
+        and no rollup mark before its windows; a retry re-inserts the windows, which the ReplacingMergeTree
         tables count once."""
         t0 = time.perf_counter()
         # on a cluster, an insert into a Distributed table returns only once every shard has it: an
@@ -412,9 +411,6 @@ class Store:
                     t = tables.get(name)
                     if t is not None and t.num_rows:
                         self.client.insert_arrow(f"{self.db}.{name}", t, settings=settings)
-                marks = tables.get("rollup_marks_after")
-                if marks is not None and marks.num_rows:
-                    self.client.insert_arrow(f"{self.db}.rollup_marks", marks, settings=settings)
             except Exception as e:  # clickhouse-connect raises several types; sort them by error code
                 raise StoreError(f"insert failed: {e}", is_retryable(e)) from e
         self.insert_seconds += time.perf_counter() - t0

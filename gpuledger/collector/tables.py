@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from gpuledger.collector.validate import Valid
+from gpuledger.collector.validate import Valid, window_grids
 
 HOUR_MS = 3_600_000
 NEVER = np.iinfo(np.int64).max  # "no value" of a min() aggregate
+PROCESS_REFRESH_MS = 600_000  # a process's facts row is rewritten this often while it runs (its last_seen_ms)
 _TAGS = pa.map_(pa.string(), pa.string())
 
 
@@ -35,7 +35,7 @@ def build(items: list[Valid], now_ms: int, mark_us: int, known: dict) -> dict[st
     """Tables of one group commit. `known` caches host and GPU facts already stored by this process, so
     they are written only when new or changed (a GPU's first window moving earlier)."""
     gpu_parts, proc_parts, ep_parts = [], [], []
-    hosts, gpus, procs, batches, sessions, contact, marks = [], [], [], [], [], [], set()
+    hosts, gpus, procs, batches, sessions, marks = [], [], [], [], [], set()
     for v in items:
         b = v.batch
         host_id = b.host.host_id
@@ -63,25 +63,22 @@ def build(items: list[Valid], now_ms: int, mark_us: int, known: dict) -> dict[st
                 known[("gpu", host_id, g.uuid)] = first
                 gpus.append((host_id, g.uuid, g.index, g.name, g.mem_total_bytes, g.util_method, g.mig, first,
                              g.parent_uuid, g.share or 1.0))
-        for p in b.processes:
-            procs.append((host_id, p.pid, p.start_ms, p.command, p.container_id, p.pod_uid, list(p.tags.items()),
-                          now_ms))
+        for p in b.processes:  # written when new or changed, and then every PROCESS_REFRESH_MS (last_seen_ms)
+            facts = p.SerializeToString(deterministic=True)
+            seen = known.get(("proc", host_id, p.pid, p.start_ms))
+            if seen is None or seen[0] != facts or now_ms - seen[1] >= PROCESS_REFRESH_MS:
+                known[("proc", host_id, p.pid, p.start_ms)] = (facts, now_ms)
+                procs.append((host_id, p.pid, p.start_ms, p.command, p.container_id, p.pod_uid,
+                              list(p.tags.items()), now_ms))
         batches.append((b.agent_id, host_id, b.agent_epoch, b.seq, now_ms, v.gpu.num_rows, v.proc.num_rows,
                         b.dropped_windows))
         session = v.session_start_ms if v.session_start_ms is not None else b.session_start_ms
-        first_any = NEVER
-        if v.gpu.num_rows:
-            t = pa.table({"g": v.gpu.column("gpu_uuid"), "w": v.gpu.column("window_ms"),
-                          "s": v.gpu.column("window_start_ms"),
-                          "e": pc.add(v.gpu.column("window_start_ms"), pc.cast(v.gpu.column("window_ms"), pa.int64()))})
-            agg = t.group_by(["g", "w"]).aggregate([("s", "min"), ("e", "max")])
-            for g, w, s, e in zip(agg.column("g").to_pylist(), agg.column("w").to_pylist(),
-                                  agg.column("s_min").to_pylist(), agg.column("e_max").to_pylist(), strict=True):
-                decl = declared.get(g, 0)
-                sessions.append((host_id, b.agent_epoch, session, g, w, s, e, decl if decl > 0 else NEVER, 0, now_ms))
-                first_any = min(first_any, s)
-        sessions.append((host_id, b.agent_epoch, session, "", 0, NEVER, 0, NEVER, b.stopped_ms, now_ms))
-        contact.append((host_id, now_ms, now_ms, first_any, b.dropped_windows))
+        for (g, w), (starts, _) in window_grids(v).items():
+            decl = declared.get(g, 0)
+            sessions.append((host_id, b.agent_epoch, session, g, w, int(starts[0]), int(starts[-1]) + w,
+                             decl if decl > 0 else NEVER, 0, now_ms, 0))
+        sessions.append((host_id, b.agent_epoch, session, "", 0, NEVER, 0, NEVER, b.stopped_ms, now_ms,
+                         b.dropped_windows))
         marks.update((host_id, hour) for hour in hours_touched(v))
     mark_rows = sorted(marks)
     marks_t = _table([(h, hr, mark_us) for h, hr in mark_rows], ["host_id", "hour_ms", "mark_us"],
@@ -104,14 +101,11 @@ def build(items: list[Valid], now_ms: int, mark_us: int, known: dict) -> dict[st
                              pa.int64()]),
         "sessions": _table(sessions, ["host_id", "agent_epoch", "session_start_ms", "gpu_uuid", "window_ms",
                                       "first_window_ms", "last_end_ms", "declared_first_ms", "stopped_ms",
-                                      "received_ms"],
-                           [pa.string(), pa.uint64(), pa.int64(), pa.string(), pa.uint32()] + [pa.int64()] * 5),
-        "host_contact": _table(contact, ["host_id", "first_received_ms", "last_received_ms", "first_window_ms",
-                                         "dropped_windows"],
-                               [pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.uint64()]),
+                                      "received_ms", "dropped_windows"],
+                           [pa.string(), pa.uint64(), pa.int64(), pa.string(), pa.uint32()] + [pa.int64()] * 5
+                           + [pa.uint64()]),
         "agent_batches": _table(batches, ["agent_id", "host_id", "agent_epoch", "seq", "received_ms", "windows",
                                           "proc_windows", "dropped_windows"],
                                 [pa.string(), pa.string(), pa.uint64(), pa.uint64(), pa.int64(), pa.uint32(),
                                  pa.uint32(), pa.uint64()]),
-        "rollup_marks_after": marks_t.set_column(2, "mark_us", pa.array([mark_us + 1] * len(mark_rows), pa.int64())),
     }

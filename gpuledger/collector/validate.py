@@ -64,10 +64,48 @@ class Valid:
         return self.gpu.num_rows + self.proc.num_rows + self.endpoint.num_rows
 
 
+def window_grids(v: Valid) -> dict:
+    """(gpu, window_ms) -> (sorted window starts, window_ms) of a batch; computed once per batch (the ingest's
+    overlap check and the session rows both use it)."""
+    cached = getattr(v, "_grids_cache", None)
+    if cached is not None:
+        return cached
+    out = {}
+    if v.gpu.num_rows:
+        enc = pc.dictionary_encode(v.gpu.column("gpu_uuid")).combine_chunks()
+        names = enc.dictionary.to_pylist()
+        g = enc.indices.to_numpy().astype(np.int64)
+        w = v.gpu.column("window_ms").to_numpy().astype(np.int64)
+        s = v.gpu.column("window_start_ms").to_numpy()
+        order = np.lexsort((s, w, g))
+        g, w, s = g[order], w[order], s[order]
+        cut = np.flatnonzero((np.diff(g) != 0) | (np.diff(w) != 0)) + 1
+        for a, b in zip(np.concatenate(([0], cut)), np.concatenate((cut, [g.size])), strict=True):
+            if b > a:
+                out[(names[g[a]], int(w[a]))] = (s[a:b], int(w[a]))
+    v._grids_cache = out
+    return out
+
+
 def clip(value: str, limit: int = 80) -> str:
     """An untrusted string fit for a log line or an error message: at most `limit` characters."""
     value = str(value)
     return value if len(value) <= limit else f"{value[:limit]}...({len(value)} chars)"
+
+
+_CHECKED: set[bytes] = set()  # sub-messages (host, GPU, process facts) whose strings passed the checks
+_CHECKED_MAX = 200_000
+
+
+def _check_once(msg, check) -> None:
+    """Run `check()` on facts an agent repeats in every batch only the first time these exact bytes come."""
+    key = type(msg).__name__.encode() + msg.SerializeToString(deterministic=True)
+    if key in _CHECKED:
+        return
+    check()
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED.add(key)
 
 
 def _check_str(value: str, field: str, limit: int = MAX_STR, required: bool = False) -> None:
@@ -151,19 +189,23 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
         if batch.stopped_ms < batch.session_start_ms:
             raise Invalid(f"stopped_ms: {batch.stopped_ms} is before session_start_ms {batch.session_start_ms}")
     h = batch.host
-    _check_str(h.host_id, "host.host_id", MAX_ID, required=True)
-    for name in ("hostname", "provider", "region", "instance_type", "agent_version"):
-        _check_str(getattr(h, name), f"host.{name}")
-    _check_tags(h.tags, "host.tags")
+
+    def check_host() -> None:
+        _check_str(h.host_id, "host.host_id", MAX_ID, required=True)
+        for name in ("hostname", "provider", "region", "instance_type", "agent_version", "instance_id"):
+            _check_str(getattr(h, name), f"host.{name}")
+        _check_tags(h.tags, "host.tags")
+
+    _check_once(h, check_host)
     if h.gpu_count > limits.max_gpus:
         raise Invalid(f"host.gpu_count: {h.gpu_count}, at most {limits.max_gpus}")
     if len(batch.gpus) > limits.max_gpus:
         raise TooLarge(f"gpus: {len(batch.gpus)} GPUs in one batch, at most {limits.max_gpus}")
     uuids = set()
     for i, g in enumerate(batch.gpus):
-        _check_str(g.uuid, f"gpus[{i}].uuid", MAX_ID, required=True)
-        _check_str(g.name, f"gpus[{i}].name")
-        _check_str(g.util_method, f"gpus[{i}].util_method", 32)
+        _check_once(g, lambda g=g, i=i: (_check_str(g.uuid, f"gpus[{i}].uuid", MAX_ID, required=True),
+                                         _check_str(g.name, f"gpus[{i}].name"),
+                                         _check_str(g.util_method, f"gpus[{i}].util_method", 32)))
         if g.first_window_ms < 0:  # an old one is fine: reports start at the later of it and `since`
             raise Invalid(f"gpus[{i}].first_window_ms: {g.first_window_ms} is negative")
         if not (0.0 <= g.share <= 1.0):
@@ -175,10 +217,10 @@ def validate(batch: pb.WindowBatch, now_ms: int, limits: Limits = Limits()) -> V
         raise TooLarge(f"processes: {len(batch.processes)}, at most {limits.max_processes}")
     procs = set()
     for i, p in enumerate(batch.processes):
-        _check_str(p.command, f"processes[{i}].command")
-        _check_str(p.container_id, f"processes[{i}].container_id", MAX_ID)
-        _check_str(p.pod_uid, f"processes[{i}].pod_uid", MAX_ID)
-        _check_tags(p.tags, f"processes[{i}].tags")
+        _check_once(p, lambda p=p, i=i: (_check_str(p.command, f"processes[{i}].command"),
+                                         _check_str(p.container_id, f"processes[{i}].container_id", MAX_ID),
+                                         _check_str(p.pod_uid, f"processes[{i}].pod_uid", MAX_ID),
+                                         _check_tags(p.tags, f"processes[{i}].tags")))
         procs.add((p.pid, p.start_ms))
 
     stop_only = bool(batch.stopped_ms) and not batch.gpu_windows_arrow and not batch.proc_windows_arrow
@@ -397,10 +439,13 @@ def _validate_proc(t: pa.Table, gpu: pa.Table, uuids: set, procs: set) -> None:
         raise Invalid(f"{f}gpu_uuid: not in gpus at row {_first_bad(np.asarray(unknown))}")
     pid = _col(t, "pid")
     pstart = _col(t, "proc_start_ms")
-    # a batch names few processes: look each distinct (pid, start) up once (a hash group-by, not a sort)
-    uniq = pa.table({"p": t.column("pid"), "s": t.column("proc_start_ms")}).group_by(["p", "s"]).aggregate([])
-    unknown = [(p, st) for p, st in zip(uniq.column("p").to_pylist(), uniq.column("s").to_pylist(), strict=True)
-               if (p, st) not in procs]
+    # a batch names few processes: look each distinct (pid, start) up once
+    if len(pid) <= 4096:
+        pairs = set(zip(pid.tolist(), pstart.tolist(), strict=True))
+    else:  # a hash group-by, not a Python pass over every row
+        uniq = pa.table({"p": t.column("pid"), "s": t.column("proc_start_ms")}).group_by(["p", "s"]).aggregate([])
+        pairs = set(zip(uniq.column("p").to_pylist(), uniq.column("s").to_pylist(), strict=True))
+    unknown = [pair for pair in pairs if pair not in procs]
     if unknown:
         bad = np.zeros(len(pid), bool)
         for p, st in unknown[:100]:

@@ -116,9 +116,8 @@ class Writer:
         self._resolve(group, rows, err, t0)
 
     def _mark(self) -> int:
-        """A commit's rollup mark: the collector's clock in µs, strictly increasing (2 apart: the commit
-        writes `mark` before its windows and `mark + 1` after them)."""
-        self._last_mark_us = max(self.clock.now_us(), self._last_mark_us + 2)
+        """A commit's rollup mark (written after its windows): the collector's clock in µs, strictly increasing."""
+        self._last_mark_us = max(self.clock.now_us(), self._last_mark_us + 1)
         return self._last_mark_us
 
     def _insert(self, items: list[Valid]) -> StoreError | None:
