@@ -137,7 +137,7 @@ _BUSY = ("multiIf(prof = 0, 8000 + r * 2, prof = 1, 1500 + r * 6, prof = 2, r % 
 def load_month(store, gpus: int, days: int, start_ms: int) -> dict:
     """A fleet of p5.48xlarge hosts (8 GPUs each) for `days`: every GPU window and process window
     generated inside ClickHouse (profiles by GPU: training, inference endpoint, notebook, idle), the facts
-    the collector keeps (hosts with instance ids, GPUs, processes with tags, sessions, contact), then the
+    the collector keeps (hosts with instance ids, GPUs, processes with tags, sessions), then the
     hourly rollups built by the collector's sealer, as a live collector would have them."""
     import pyarrow as pa
 
@@ -166,11 +166,10 @@ def load_month(store, gpus: int, days: int, start_ms: int) -> dict:
     tags = {0: [("team", "research"), ("project", "llm"), ("workload", "train"), ("phase", "pretrain")],
             1: [("team", "search"), ("project", "ranker"), ("workload", "inference"), ("endpoint", "ranker")],
             2: [("team", "vision"), ("project", "detector"), ("workload", "notebook")]}
-    procs, gpu_rows, sessions, contact, host_rows, marks = [], [], [], [], [], []
+    procs, gpu_rows, sessions, host_rows, marks = [], [], [], [], []
     for h, host in enumerate(hosts):
         _, iid = resource_ids("aws", "us-east-1", host)
         host_rows.append((host, host, "aws", "us-east-1", "p5.48xlarge", 8, [("team", "platform")], "bench", 0, iid))
-        contact.append((host, start_ms, end_ms, start_ms, 0))
         sessions.append((host, 1, start_ms, "", 0, never, 0, never, end_ms, end_ms))
         for g in range(8):
             uuid, prof = f"GPU-{host}-{g}", (g + h) % 4
@@ -201,9 +200,6 @@ def load_month(store, gpus: int, days: int, start_ms: int) -> dict:
                                                     "declared_first_ms", "stopped_ms", "received_ms"],
                                          [pa.string(), pa.uint64(), pa.int64(), pa.string(), pa.uint32()]
                                          + [pa.int64()] * 5))
-    store.insert_table("host_contact", table(contact, ["host_id", "first_received_ms", "last_received_ms",
-                                                       "first_window_ms", "dropped_windows"],
-                                             [pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.uint64()]))
     store.insert_table("rollup_marks", table(marks, ["host_id", "hour_ms", "mark_us"],
                                              [pa.string(), pa.int64(), pa.int64()]))
     t0 = time.perf_counter()
