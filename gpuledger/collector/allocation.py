@@ -302,6 +302,26 @@ def _params(plan: _Plan, periods: Periods, host_filter: str, **extra) -> dict:
     return {**periods.params(), "raw_hours": plan.raw_hours, "stale": plan.stale, "host": host_filter, **extra}
 
 
+@dataclass
+class ReadPlan:
+    """Which part of [since, until) a reader takes from rollups and which from the raw tables (`rollup` and
+    `raw` are SQL conditions on a rollup's hour_ms and a raw table's window_start_ms; `params` binds them)."""
+
+    rollup: str
+    raw: str
+    params: dict
+
+
+def read_plan(store: Store, since: int, until: int, use_rollups: bool = True) -> ReadPlan:
+    """The plan of rollups and raw windows for an ungridded range with no price cut (endpoint_use's readers);
+    without `use_rollups` everything is read raw."""
+    if use_rollups:
+        plan = _plan(store, Periods(since, until), "")
+    else:
+        plan = _Plan(since, since, [], [], [(since, until)] if until > since else [])
+    return ReadPlan(_rollup_filter(plan), _raw_filter(plan), {"raw_hours": plan.raw_hours, "stale": plan.stale})
+
+
 def state_sums(store: Store, periods: Periods, host_filter: str = "") -> list[tuple]:
     """(host, GPU, grid, seg, active ms, idle-held ms, idle-free ms) of the stored windows."""
     return store.report_rows(*_state_sql(store, periods, host_filter))

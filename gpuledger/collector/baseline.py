@@ -63,7 +63,7 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from gpuledger.collector import allocation, billing
+from gpuledger.collector import allocation, billing, rollup
 from gpuledger.collector.allocation import Periods, price_breakpoints
 from gpuledger.collector.coverage import CoverageRules
 from gpuledger.collector.store import Store
@@ -85,7 +85,7 @@ TRAINING = ("training", "fine-tuning")
 UTIL_FLAG_BELOW_PCT = 70.0
 RATIO_FLAG_ABOVE = 4.0
 ENDPOINT_IDLE_FLAG_ABOVE = 0.5
-SERVING_MIN_ACTIVE = 0.05
+SERVING_MIN_ACTIVE = rollup.SERVING_MIN_ACTIVE
 TAG_KEYS = ("team", "project", "phase")
 _SEP = "\x1f"
 
@@ -124,32 +124,44 @@ class EndpointHours:
         return 1.0 - self.serving_ms / self.up_ms if self.up_ms else None
 
 
-_ENDPOINT_PROCS = """(SELECT host_id, pid, start_ms, any(tags['endpoint']) AS endpoint FROM {db}.processes
-                     WHERE tags['endpoint'] != '' GROUP BY host_id, pid, start_ms)"""
-
-
 def endpoint_hours(store: Store, since: int, until: int, min_active: float = SERVING_MIN_ACTIVE) -> EndpointHours:
-    """Up and serving GPU time of inference endpoints (see question 5), from the raw process windows of
+    """Up and serving GPU time of inference endpoints (see question 5), from the process windows of
     processes with the `endpoint` tag. A window of the process is serving when its endpoint's own window
     of request counts on the same host (the one it starts in) counted requests, or, where no such window
     covers it, when the process was active at least `min_active` of its GPU time there.
 
-    Two passes: every process's windows summed per process first (up time and time active above the
-    threshold: one grouping, no per-window join), then, only on hosts whose inference servers reported
-    request counts in the range, the windows those counts cover, re-decided by the counts."""
+    Sealed hours come from the endpoint_use rollup (per endpoint, host and window: the attributed time,
+    and the part of it in process windows active at least the default share); hours not sealed yet, the
+    range's ragged ends, and every hour when `min_active` is not the default, from the raw process windows
+    summed the same way. Two passes: per endpoint (up and active time), then, only on hosts whose inference
+    servers reported request counts in the range, the windows those counts cover, re-decided by the counts."""
     db = store.db
-    params = {"since": since, "until": until, "thr": float(min_active)}
-    active_rule = "active_attr_us >= {thr:Float64} * (active_attr_us + held_attr_us)"
-    rows = store.report_rows(
-        f"""SELECT p.endpoint, sum(a.t), sum(a.s) FROM (
-                SELECT host_id, pid, proc_start_ms, sum(active_attr_us + held_attr_us) AS t,
-                       sumIf(active_attr_us + held_attr_us, {active_rule}) AS s
-                FROM {db}.proc_windows FINAL
-                WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}
-                GROUP BY host_id, pid, proc_start_ms) AS a
-            INNER JOIN {_ENDPOINT_PROCS.format(db=db)} AS p
-                ON a.host_id = p.host_id AND a.pid = p.pid AND a.proc_start_ms = p.start_ms
-            GROUP BY p.endpoint""", params)
+    plan = allocation.read_plan(store, since, until, use_rollups=min_active == rollup.SERVING_MIN_ACTIVE)
+    params = {"since": since, "until": until, "thr": float(min_active), **plan.params}
+    procs = rollup.ENDPOINT_PROCS.format(db=db, where="")
+
+    def windows(host_where: str, per_window: bool = True) -> str:
+        """(host_id, endpoint, window_start_ms, t = attributed µs, s = µs of the active process windows); the
+        raw part summed per process instead where the windows are not needed (window_start_ms 0 there)."""
+        start = "w.window_start_ms" if per_window else "toInt64(0)"
+        return f"""
+            SELECT toString(host_id) AS host_id, endpoint, window_start_ms, toFloat64(attr_us) AS t,
+                   toFloat64(serving_attr_us) AS s
+            FROM {db}.endpoint_use FINAL WHERE {plan.rollup}{host_where}
+            UNION ALL
+            SELECT toString(w.host_id), p.endpoint, {start}, toFloat64(sum(w.t)),
+                   toFloat64(sumIf(w.t, w.active_attr_us >= {{thr:Float64}} * w.t))
+            FROM (SELECT host_id, pid, proc_start_ms, window_start_ms, active_attr_us,
+                         toUInt64(active_attr_us) + held_attr_us AS t
+                  FROM {db}.proc_windows FINAL
+                  WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}} AND {plan.raw}
+                    {host_where}
+                    AND (host_id, pid, proc_start_ms) IN (SELECT host_id, pid, start_ms FROM {procs})) AS w
+            INNER JOIN {procs} AS p ON w.host_id = p.host_id AND w.pid = p.pid AND w.proc_start_ms = p.start_ms
+            GROUP BY w.host_id, p.endpoint, {"w.window_start_ms" if per_window else "w.pid, w.proc_start_ms"}"""
+
+    rows = store.report_rows(f"SELECT endpoint, sum(t), sum(s) FROM ({windows('', per_window=False)}) GROUP BY endpoint",
+                             params)
     out = EndpointHours(endpoints={})
     ep: dict[str, list[float]] = {e: [float(up), float(act)] for e, up, act in rows}
     counted_hosts = [r[0] for r in store.report_rows(
@@ -158,20 +170,10 @@ def endpoint_hours(store: Store, since: int, until: int, min_active: float = SER
     if counted_hosts:
         covered = "(w.window_start_ms < e.window_start_ms + e.window_ms)"
         by_req = f"({covered} AND e.requests > 0)"
-        act = "w.active >= {thr:Float64} * w.t"
         for endpoint, t_cov, act_cov, req, serving_cov in store.report_rows(
-                f"""SELECT w.endpoint, sumIf(w.t, {covered}), sumIf(w.t, {covered} AND {act}), sumIf(w.t, {by_req}),
-                           sumIf(w.t, {covered} AND ({by_req} OR {act}))
-                    FROM (
-                        SELECT toString(pw.host_id) AS host_id, p.endpoint AS endpoint,
-                               pw.window_start_ms AS window_start_ms, toFloat64(pw.active_attr_us) AS active,
-                               toFloat64(pw.active_attr_us + pw.held_attr_us) AS t
-                        FROM (SELECT host_id, pid, proc_start_ms, window_start_ms, active_attr_us, held_attr_us
-                              FROM {db}.proc_windows FINAL
-                              WHERE host_id IN {{hosts:Array(String)}} AND window_start_ms >= {{since:Int64}}
-                                AND window_start_ms < {{until:Int64}}) AS pw
-                        INNER JOIN {_ENDPOINT_PROCS.format(db=db)} AS p
-                            ON pw.host_id = p.host_id AND pw.pid = p.pid AND pw.proc_start_ms = p.start_ms) AS w
+                f"""SELECT w.endpoint, sumIf(w.t, {covered}), sumIf(w.s, {covered}), sumIf(w.t, {by_req}),
+                           sumIf(if({by_req}, w.t, w.s), {covered})
+                    FROM ({windows(" AND host_id IN {hosts:Array(String)}")}) AS w
                     ASOF LEFT JOIN (
                         SELECT toString(host_id) AS host_id, toString(endpoint) AS endpoint, window_start_ms,
                                window_ms, requests

@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from gpuledger.collector import allocation
@@ -212,35 +211,47 @@ def _endpoint_rows(store: Store, since: int, until: int, endpoint: str):
 
 def _held_rows(store: Store, since: int, until: int, endpoint: str, rates: dict[tuple[str, str], float]):
     """Per (endpoint, window): held and busy ms of its processes and their cost (held ms x the rate of the
-    (endpoint, host) pair). Only the GPUs an endpoint process held in the range are read (their
-    (host, GPU) is the raw table's key prefix: the other GPUs' windows are skipped, not scanned), and the
-    hosts are summed in ClickHouse: one row per endpoint and window reaches Python."""
-    where = " AND tags['endpoint'] = {e:String}" if endpoint else ""
-    procs = (f"SELECT host_id, pid, start_ms FROM {store.db}.processes FINAL WHERE tags['endpoint'] != ''{where}")
-    return store.query_arrow(
-        f"""WITH eps AS (SELECT host_id, pid, start_ms, tags['endpoint'] AS ep FROM {store.db}.processes FINAL
-                         WHERE tags['endpoint'] != ''{where})
-            SELECT p.ep AS ep, w.window_start_ms AS start, sum(w.held_ms) AS held, sum(w.busy_ms) AS busy,
-                   sum(w.held_ms * transform(concat(p.ep, '\t', w.host_id), {{rate_keys:Array(String)}},
-                                             {{rate_values:Array(Float64)}}, 0.)) AS cost,
-                   groupUniqArray(w.host_id) AS hosts
-            FROM (SELECT host_id, window_start_ms, pid, proc_start_ms, held_ms, busy_ms
-                  FROM {store.db}.proc_windows FINAL
-                  WHERE (host_id, gpu_uuid) IN (
-                            SELECT DISTINCT host_id, gpu_uuid FROM {store.db}.alloc_hours
-                            WHERE hour_ms >= intDiv({{since:Int64}}, 3600000) * 3600000 AND hour_ms < {{until:Int64}}
-                              AND (host_id, pid, proc_start_ms) IN ({procs})
-                            UNION DISTINCT
-                            SELECT DISTINCT host_id, gpu_uuid FROM {store.db}.proc_windows
-                            WHERE window_start_ms >= greatest({{since:Int64}}, {{recent:Int64}})
-                              AND window_start_ms < {{until:Int64}} AND (host_id, pid, proc_start_ms) IN ({procs}))
-                    AND window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}}
-                    AND (host_id, pid, proc_start_ms) IN ({procs})) AS w
-            INNER JOIN eps AS p ON w.host_id = p.host_id AND w.pid = p.pid AND w.proc_start_ms = p.start_ms
-            GROUP BY ep, start ORDER BY ep, start""",
-        {"since": since, "until": until, "e": endpoint, "recent": until - 2 * 3_600_000,
-         "rate_keys": [f"{ep}\t{host}" for ep, host in rates], "rate_values": [float(r) for r in rates.values()]},
-        store.report_settings())
+    (endpoint, host) pair), and each endpoint's hosts. Sealed hours come from the endpoint_use rollup (one
+    row per endpoint, host and window, no join); the hours not sealed yet and the range's ragged ends from
+    the raw process windows of the endpoint's processes. One row per endpoint and window reaches Python."""
+    plan = allocation.read_plan(store, since, until)
+    db = store.db
+    ep_where = " AND tags['endpoint'] = {e:String}" if endpoint else ""
+    use_where = " AND endpoint = {e:String}" if endpoint else ""
+    procs = f"SELECT host_id, pid, start_ms FROM {db}.processes FINAL WHERE tags['endpoint'] != ''{ep_where}"
+    eps = (f"(SELECT host_id, pid, start_ms, tags['endpoint'] AS ep FROM {db}.processes FINAL "
+           f"WHERE tags['endpoint'] != ''{ep_where})")
+    raw = f"""SELECT host_id, pid, proc_start_ms, window_start_ms, held_ms, busy_ms
+              FROM {db}.proc_windows FINAL
+              WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}} AND {plan.raw}
+                AND (host_id, pid, proc_start_ms) IN ({procs})"""
+    params = {"since": since, "until": until, "e": endpoint, **plan.params,
+              "rate_keys": [f"{ep}\t{host}" for ep, host in rates],
+              "rate_values": [float(r) for r in rates.values()]}
+    rows = store.query_arrow(
+        f"""SELECT ep, start, sum(h) AS held, sum(b) AS busy,
+                   sum(h * transform(concat(ep, '\t', host_id), {{rate_keys:Array(String)}},
+                                        {{rate_values:Array(Float64)}}, 0.)) AS cost
+            FROM (
+                SELECT endpoint AS ep, toString(host_id) AS host_id, window_start_ms AS start, held_ms AS h,
+                       busy_ms AS b
+                FROM {db}.endpoint_use FINAL WHERE {plan.rollup}{use_where}
+                UNION ALL
+                SELECT p.ep, toString(r.host_id), r.window_start_ms, r.held_ms, r.busy_ms
+                FROM ({raw}) AS r
+                INNER JOIN {eps} AS p ON r.host_id = p.host_id AND r.pid = p.pid AND r.proc_start_ms = p.start_ms)
+            GROUP BY ep, start ORDER BY ep, start""", params, store.report_settings())
+    # which hosts each endpoint ran on: distinct pairs, so the rollup needs no FINAL here
+    pairs = store.report_rows(
+        f"""SELECT DISTINCT endpoint, toString(host_id) FROM {db}.endpoint_use WHERE {plan.rollup}{use_where}
+            UNION DISTINCT
+            SELECT p.ep, toString(r.host_id) FROM (SELECT DISTINCT host_id, pid, proc_start_ms FROM ({raw})) AS r
+            INNER JOIN {eps} AS p ON r.host_id = p.host_id AND r.pid = p.pid AND r.proc_start_ms = p.start_ms""",
+        params)
+    hosts: dict[str, set] = {}
+    for ep, host in pairs:
+        hosts.setdefault(str(ep), set()).add(str(host))
+    return rows, hosts
 
 
 def _phases(store: Store, since_ms: int) -> dict[str, str]:
@@ -259,8 +270,23 @@ def _col(t, name: str) -> np.ndarray:
     return t.column(name).to_numpy(zero_copy_only=False)
 
 
-def _strings(t, name: str) -> list[str]:
-    return [str(x) for x in t.column(name).to_pylist()]
+def _names(t, name: str) -> np.ndarray:
+    """A string column as an object array, each distinct value converted once (a month has 260,000 rows an
+    endpoint, and a handful of names)."""
+    col = t.column(name)
+    if len(col) == 0:
+        return np.zeros(0, object)
+    enc = pc.dictionary_encode(col.combine_chunks() if col.num_chunks != 1 else col.chunk(0))
+    values = np.asarray([str(x) for x in enc.dictionary.to_pylist()], dtype=object)
+    return values[enc.indices.to_numpy(zero_copy_only=False)]
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.union1d, without its sort when one side is empty and the other already strictly increasing."""
+    for x, y in ((a, b), (b, a)):
+        if not x.size and (y.size < 2 or bool((np.diff(y) > 0).all())):
+            return y
+    return np.union1d(a, b)
 
 
 def cost_by_endpoint_host(store: Store, pricing: Pricing, since: int, until: int, now_ms: int,
@@ -293,24 +319,17 @@ def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: in
     for (ep, host), tally in tallies.items():
         ms = tally.ms.active + tally.ms.idle_held
         rates[(ep, host)] = (tally.cost.active + tally.cost.idle_held) / ms if ms and tally.priced else 0.0
-    hw = _held_rows(store, since, until, opts.endpoint, rates)
+    hw, h_hosts = _held_rows(store, since, until, opts.endpoint, rates)
     phases = _phases(store, since)
-    names = sorted(set(_strings(ew, "endpoint")) | set(_strings(hw, "ep"))
+    e_name = _names(ew, "endpoint")
+    h_name = _names(hw, "ep")
+    names = sorted(set(e_name) | set(h_name)
                    | {e for e, _ in tallies if not opts.endpoint or e == opts.endpoint})
-    e_name = np.asarray(_strings(ew, "endpoint"), dtype=object)
-    h_name = np.asarray(_strings(hw, "ep"), dtype=object)
     # every column converted once, not once per endpoint
     ec = {c: _col(ew, c) for c in ("w", "window_start_ms", "scraped", "run", "r", "p", "g", "err")}
     hc = {c: _col(hw, c) for c in ("start", "held", "busy", "cost")}
     e_hosts = np.asarray(ew.column("hosts").to_pylist(), dtype=object)
-    e_server = np.asarray(_strings(ew, "server"), dtype=object)
-    h_hosts: dict[str, set] = {}
-    if hw.num_rows:  # the distinct (endpoint, host) pairs, without a Python list per window
-        ep_of = pc.list_parent_indices(hw.column("hosts"))
-        t = pa.table({"ep": pc.take(hw.column("ep"), ep_of), "h": pc.list_flatten(hw.column("hosts"))})
-        t = t.group_by(["ep", "h"]).aggregate([])
-        for ep, h in zip(t.column("ep").to_pylist(), t.column("h").to_pylist(), strict=True):
-            h_hosts.setdefault(str(ep), set()).add(h)
+    e_server = _names(ew, "server")
     out: dict[str, Timeline] = {}
     for name in names:
         em = e_name == name
@@ -319,7 +338,7 @@ def timelines(store: Store, pricing: Pricing, since: int, until: int, now_ms: in
         w = int(np.bincount(wms).argmax()) if wms.size else DEFAULT_WINDOW_MS
         e_start = ec["window_start_ms"][em].astype(np.int64) // w * w
         h_start = hc["start"][hm].astype(np.int64) // w * w
-        starts = np.union1d(e_start, h_start)
+        starts = _sorted_union(e_start, h_start)
         n = starts.size
         ei = np.searchsorted(starts, e_start)
         hi = np.searchsorted(starts, h_start)

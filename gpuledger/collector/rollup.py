@@ -7,6 +7,10 @@ Aggregating table would count it twice. The sealer instead rebuilds a host-hour'
 the raw tables read with FINAL, and a rebuild replaces the previous rows (ReplacingMergeTree on the
 sealing pass's version), so resends, replays and late windows stay exactly-once.
 
+Three rollups: gpu_hours (states, energy, power per GPU-hour), alloc_hours (attributed time per process
+and GPU-hour) and endpoint_use (per endpoint, host and window: what its processes held, kept per window
+because scale-to-zero replays and request counts are per window; endpoints.py and baseline.py read it).
+
 Which host-hours are current is kept in two small tables:
 - rollup_marks: every group commit writes, once its windows are stored, a mark for each host-hour
   they touch (the collector's clock in µs, strictly increasing);
@@ -71,6 +75,28 @@ ALLOC_HOURS_SELECT = """
       AND (host_id, intDiv(window_start_ms, {hour}) * {hour}) IN (SELECT arrayJoin({{pairs:Array(Tuple(String, Int64))}}))
     GROUP BY host_id, hour_ms, gpu_uuid, pid, proc_start_ms"""
 
+# a process window serves when it was active at least this share of its attributed time (baseline.py's
+# question 5); endpoint_use keeps the time of the windows that pass it at this default
+SERVING_MIN_ACTIVE = 0.05
+
+# the processes tagged with an endpoint on the chunk's hosts, and their windows summed per host and window
+ENDPOINT_PROCS = """(SELECT host_id, pid, start_ms, any(tags['endpoint']) AS endpoint FROM {db}.processes
+                     WHERE tags['endpoint'] != ''{where} GROUP BY host_id, pid, start_ms)"""
+
+ENDPOINT_USE_SELECT = """
+    SELECT w.host_id, intDiv(w.window_start_ms, {hour}) * {hour} AS hour_ms, p.endpoint, w.window_start_ms,
+           sum(w.held_ms), sum(w.busy_ms), sum(w.t), sum(w.active_attr_us),
+           sumIf(w.t, w.active_attr_us >= {{thr:Float64}} * w.t), {{version:Int64}}
+    FROM (SELECT host_id, window_start_ms, pid, proc_start_ms, held_ms, busy_ms, active_attr_us,
+                 toUInt64(active_attr_us) + held_attr_us AS t
+          FROM {db}.proc_windows FINAL
+          WHERE host_id IN {{hosts:Array(String)}} AND window_start_ms >= {{lo:Int64}} AND window_start_ms < {{hi:Int64}}
+            AND (host_id, intDiv(window_start_ms, {hour}) * {hour}) IN (SELECT arrayJoin({{pairs:Array(Tuple(String, Int64))}}))
+            AND (host_id, pid, proc_start_ms) IN (SELECT host_id, pid, start_ms FROM {db}.processes
+                                                  WHERE tags['endpoint'] != '' AND host_id IN {{hosts:Array(String)}})) AS w
+    INNER JOIN {procs} AS p ON w.host_id = p.host_id AND w.pid = p.pid AND w.proc_start_ms = p.start_ms
+    GROUP BY w.host_id, hour_ms, p.endpoint, w.window_start_ms"""
+
 
 def seal(store: Store, now_us: int, settle_us: int, chunk_hours: int = 24, host_filter: str = "") -> int:
     """One sealing pass: roll up every pending host-hour; returns how many were rolled up."""
@@ -92,6 +118,9 @@ def seal(store: Store, now_us: int, settle_us: int, chunk_hours: int = 24, host_
         store.command(f"INSERT INTO {db}.gpu_hours " + GPU_HOURS_SELECT.format(db=db, hour=HOUR_MS), params, settings)
         store.command(f"INSERT INTO {db}.alloc_hours " + ALLOC_HOURS_SELECT.format(db=db, hour=HOUR_MS), params,
                       settings)
+        store.command(f"INSERT INTO {db}.endpoint_use " + ENDPOINT_USE_SELECT.format(
+            db=db, hour=HOUR_MS, procs=ENDPOINT_PROCS.format(db=db, where=" AND host_id IN {hosts:Array(String)}")),
+            {**params, "thr": SERVING_MIN_ACTIVE}, settings)
         store.insert_table("rollup_built", pa.table({
             "host_id": pa.array([h for h, _, _ in chunk], pa.string()),
             "hour_ms": pa.array([hr for _, hr, _ in chunk], pa.int64()),

@@ -14,7 +14,7 @@ Tables (all in one database):
   stop, the last batch received, the windows its spool dropped (min/max aggregates, so resends
   change nothing). Coverage reads it.
 - host_events: retirements.
-- gpu_hours, alloc_hours: hourly rollups built from FINAL data by the sealer (rollup.py), with
+- gpu_hours, alloc_hours, endpoint_use: rollups built from FINAL data by the sealer (rollup.py), with
   rollup_marks / rollup_built telling reports which host-hours are current.
 - agent_batches: a log of received batches, kept `batch_log_days`.
 - bill_rows, api_spend_rows, import_slices: imported cloud bills and AI API spend (billing.py);
@@ -163,6 +163,13 @@ TABLES: dict[str, Table] = {
         active_attr_us UInt64, held_attr_us UInt64, busy_ms UInt64, held_ms UInt64, built_us Int64
     """, "ReplacingMergeTree", "(host_id, hour_ms, gpu_uuid, pid, proc_start_ms)", "built_us", ttl_column="hour_ms",
                          ttl="windows"),
+    # per endpoint and 10 s window (scale-to-zero replays need the window): the held and busy ms and the
+    # attributed µs of the processes tagged with the endpoint, summed per host, sealed like the hourly rollups
+    "endpoint_use": Table(f"""
+        host_id {LC}, hour_ms Int64, endpoint String, window_start_ms Int64, held_ms UInt64, busy_ms UInt64,
+        attr_us UInt64, active_attr_us UInt64, serving_attr_us UInt64, built_us Int64
+    """, "ReplacingMergeTree", "(endpoint, hour_ms, host_id, window_start_ms)", "built_us", ttl_column="hour_ms",
+                          ttl="windows"),
     "rollup_marks": Table(f"host_id LowCardinality(String), hour_ms Int64, mark_us {_MAX}",
                           "AggregatingMergeTree", "(host_id, hour_ms)", ttl_column="hour_ms", ttl="windows"),
     "rollup_built": Table(f"host_id LowCardinality(String), hour_ms Int64, built_us {_MAX}",
