@@ -71,11 +71,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data-dir", default="", help="keep the store here (default: a temporary directory)")
     ap.add_argument("--reuse", action="store_true", help="the store in --data-dir is already loaded")
+    ap.add_argument("--report-threads", type=int, default=0,
+                    help="collector.report_threads: ClickHouse threads per report (0: all cores)")
     args = ap.parse_args()
     tmp = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="gpuledger-bench-reports-"))
     tmp.mkdir(parents=True, exist_ok=True)
     end_ms = int(time.time() * 1000) // DAY_MS * DAY_MS - DAY_MS  # a day boundary, a day ago
-    store = Store(f"chdb://{tmp / 'chdb'}", StoreOptions(readers=3))
+    store = Store(f"chdb://{tmp / 'chdb'}", StoreOptions(readers=3, report_threads=args.report_threads))
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     if not args.reuse:
         t0 = time.perf_counter()
@@ -183,7 +185,7 @@ def main() -> int:
     ingest = {"alone_windows_per_s": round(alone), "during_report_windows_per_s": round(during),
               "ratio": round(during / alone, 2), "report": biggest}
     log(f"inserts alone {alone:,.0f} GPU-windows/s; while '{biggest}' runs {during:,.0f}/s (x{during / alone:.2f})")
-    out = {"bench": "reports", "gpus": args.gpus, "days": args.days, "gpu_windows_stored": rows,
+    out = {"bench": "reports", "gpus": args.gpus, "days": args.days, "report_threads": args.report_threads, "gpu_windows_stored": rows,
            "bytes_per_gpu_window": round(comp / max(rows, 1), 2), "load": load, "reports": results, "final": final,
            "ingest_during_report": ingest, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     print(json.dumps(out))

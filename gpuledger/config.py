@@ -132,6 +132,8 @@ class CollectorConfig:
     stream_idle_timeout_s: float = 300.0  # a stream that carries no batch this long is closed
     report_workers: int = 2  # reports computed at once; more wait (up to 4 times as many), then are refused
     report_memory_mb: int = 2048  # ClickHouse memory limit of one report query; group-by and sort spill above half
+    report_threads: int = 0  # ClickHouse threads one report query may use; 0: as many as cores. On a small
+    # collector, fewer than the cores leaves the rest to ingest while finance reads (benchmarks/README.md)
     report_timeout_s: float = 600.0  # the CLI's deadline for one report
     batch_log_days: int = 30  # how long the log of received batches (agent_batches) is kept
     backfill_hours: float = 24.0  # how far a run's start or a GPU's declared first window may precede its host's
@@ -197,6 +199,7 @@ class CollectorConfig:
                     "seal_interval_s"):
             _require(getattr(self, key) > 0, f"collector.{key}", "must be > 0")
         _require(self.backfill_hours >= 0, "collector.backfill_hours", "must be >= 0")
+        _require(self.report_threads >= 0, "collector.report_threads", "must be >= 0 (0: as many as cores)")
         _require(self.seal_settle_s >= 0, "collector.seal_settle_s", "must be >= 0")
         _require(not self.alerts or bool(self.alert_webhook_url), "collector.alert_webhook_url",
                  "required when collector.alerts are defined")

@@ -13,7 +13,8 @@ from gpuledger.config import CollectorConfig
 def store_options(cfg: CollectorConfig) -> StoreOptions:
     return StoreOptions(database=cfg.database, cluster=cfg.cluster, ttl_days=cfg.ttl_days,
                         partition_by=cfg.partition_by, batch_log_days=cfg.batch_log_days,
-                        readers=cfg.report_workers + 1, report_memory_bytes=cfg.report_memory_mb << 20)
+                        readers=cfg.report_workers + 1, report_memory_bytes=cfg.report_memory_mb << 20,
+                        report_threads=cfg.report_threads)
 
 
 def coverage_rules(cfg: CollectorConfig) -> CoverageRules:

@@ -77,6 +77,19 @@ def test_collector_validation(tmp_path):
         load_collector(tmp_path / "missing.toml", env={})
 
 
+def test_report_threads_reach_the_report_queries():
+    from gpuledger.collector.service import store_options
+    from gpuledger.collector.store import Store
+
+    with pytest.raises(ConfigError, match=r"collector\.report_threads: must be >= 0"):
+        load_collector(env={}, report_threads=-1)
+    cfg = load_collector(env={"GPULEDGER_COLLECTOR_REPORT_THREADS": "1"})
+    opts = store_options(cfg)
+    settings = Store.report_settings(type("S", (), {"opt": opts})())
+    assert settings["max_threads"] == 1
+    assert "max_threads" not in Store.report_settings(type("S", (), {"opt": store_options(load_collector(env={}))})())
+
+
 def test_sample_collector_config_prices_as_shipped():
     """Every file the sample names ships with it (or the key stays commented out): the collector
     starts with the sample as shipped instead of refusing a pricing file nobody has."""
