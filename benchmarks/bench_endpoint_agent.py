@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_scrape import SERVER, bodies  # noqa: E402  (the same server script and vLLM body as the scraper alone)
 
 from gpuledger.agent.runtime import Agent  # noqa: E402
 from gpuledger.agent.simulate import SimGpu, SimulatedSource  # noqa: E402
@@ -37,45 +40,8 @@ from gpuledger.agent.spool import Spool  # noqa: E402
 from gpuledger.clock import SimClock  # noqa: E402
 from gpuledger.config import AgentConfig  # noqa: E402
 
-FIXTURE = ROOT / "tests" / "fixtures" / "inference-metrics" / "vllm.txt"
 T0 = 1_767_225_600_000_000
 GOAL_MS = 1.0
-
-SERVER = r"""
-import sys, re
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-body = open(sys.argv[1]).read()
-n = [0]
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    def do_GET(self):
-        n[0] += 1
-        text = body.replace("REQS", str(n[0])).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(text)))
-        self.end_headers()
-        self.wfile.write(text)
-    def log_message(self, *a):
-        pass
-s = ThreadingHTTPServer(("127.0.0.1", 0), H)
-print(s.server_address[1], flush=True)
-s.serve_forever()
-"""
-
-
-def production_body() -> str:
-    """The vLLM fixture with its request counter templated, its families repeated for 11 more models."""
-    import re
-
-    base = FIXTURE.read_text()
-    base = re.sub(r'^(vllm:request_success_total\{finished_reason="length",model_name="facebook/opt-125m"\}) \S+$',
-                  r"\1 REQS", base, flags=re.M)
-    families = [ln for ln in base.splitlines() if ln.startswith("vllm:")]
-    extra = []
-    for i in range(11):
-        extra += [ln.replace('model_name="facebook/opt-125m"', f'model_name="lora-{i}"') for ln in families]
-    return base + "\n".join(extra) + "\n"
 
 
 def run_agent(urls: list[str], ticks: int, workdir: Path) -> tuple[float, int]:
@@ -105,7 +71,7 @@ def main() -> None:
     ap.add_argument("--ticks", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    body = production_body()
+    body = bodies()["production_sized"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "body.txt"
         path.write_text(body)

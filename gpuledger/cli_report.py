@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -41,7 +39,7 @@ def html(
 
     from gpuledger.client import parse_time
     from gpuledger.config import ConfigError
-    from gpuledger.security import read_token
+    from gpuledger.security import client_credentials, read_token
 
     now_ms = int(time.time() * 1000)
     try:
@@ -54,10 +52,9 @@ def html(
         typer.echo("gpuledger report html: --since must be before --until", err=True)
         raise typer.Exit(2)
     try:
-        token = read_token(token_file, "GPULEDGER_QUERY_TOKEN") if token_file or os.environ.get(
-            "GPULEDGER_QUERY_TOKEN") else None
-        creds = grpc.ssl_channel_credentials(Path(ca_file).read_bytes()) if ca_file else None
-    except (ConfigError, OSError) as e:
+        token = read_token(token_file, "GPULEDGER_QUERY_TOKEN")
+        creds = client_credentials(ca_file)
+    except ConfigError as e:
         typer.echo(f"gpuledger report html: {e}", err=True)
         raise typer.Exit(2) from e
 

@@ -1,10 +1,25 @@
-"""Clocks are injected: real daemons use WallClock, tests and the demo a SimClock."""
+"""Clocks are injected: real daemons use WallClock, tests and the demo a SimClock. Also the UTC text and
+calendar-month arithmetic on epoch milliseconds that reports, exports and bills share."""
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Protocol
+
+
+def iso_utc(ms: int) -> str:
+    """Epoch ms as ISO 8601 UTC to the second, e.g. 2026-12-01T10:00:00Z (FOCUS and JSON reports)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def month_bounds(ms: int) -> tuple[int, int]:
+    """[start, end) in epoch ms of the UTC calendar month holding `ms`."""
+    d = datetime.fromtimestamp(ms / 1000, UTC)
+    start = datetime(d.year, d.month, 1, tzinfo=UTC)
+    end = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
 class Clock(Protocol):

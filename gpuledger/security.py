@@ -53,6 +53,16 @@ def read_token(path: str | None, env_key: str) -> str | None:
     return os.environ.get(env_key) or None
 
 
+def client_credentials(ca_file: str | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials of a CLI client trusting the collector's CA certificate; None without one (plain gRPC)."""
+    if not ca_file:
+        return None
+    try:
+        return grpc.ssl_channel_credentials(Path(ca_file).read_bytes())
+    except OSError as e:
+        raise ConfigError(f"CA certificate {ca_file}: {e.strerror}") from e
+
+
 def warn_if_readable_by_others(path: str) -> bool:
     try:
         mode = os.stat(path).st_mode

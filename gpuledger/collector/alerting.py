@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from gpuledger.clock import iso_utc
 from gpuledger.collector.alerts import AlertEvaluator, Fact, Facts, evaluator_from_config
 from gpuledger.collector.coverage import CoverageRules, expectations
 from gpuledger.collector.pricing import Pricing
@@ -63,8 +64,8 @@ def gpu_idle_held_facts(store: Store, now_ms: int, lookback_ms: int, rules: Cove
     for host, gpu, last_end, last_break, first in rows:
         since = max(int(last_break), int(first))
         out.append(Fact({"host": host, "gpu_uuid": gpu}, (int(last_end) - since) / 1000.0,
-                        f"GPU {gpu} on {host}: idle-held since {_iso(since)}, up to its last window at "
-                        f"{_iso(int(last_end))}"))
+                        f"GPU {gpu} on {host}: idle-held since {iso_utc(since)}, up to its last window at "
+                        f"{iso_utc(int(last_end))}"))
     return out
 
 
@@ -78,7 +79,7 @@ def agent_silent_facts(store: Store, now_ms: int, rules: CoverageRules = Coverag
             continue
         last = st.last_window_end_ms or st.since_ms
         out.append(Fact({"host": host}, max(0.0, (now_ms - last) / 1000.0),
-                        f"host {host}: {st.state}, last window ended {_iso(last)}"))
+                        f"host {host}: {st.state}, last window ended {iso_utc(last)}"))
     return out
 
 
@@ -103,12 +104,6 @@ def build_facts(store: Store, pricing: Pricing, rules: CoverageRules, alert_rule
                  endpoint_idle=endpoint_idle,
                  unwatched_gpu_spend=unwatched_spend_facts,
                  agent_silent=lambda now: agent_silent_facts(store, now, rules))
-
-
-def _iso(ms: int) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------- alert state in the store
@@ -186,7 +181,7 @@ def alert_rows(store: Store, since: int, until: int, filters: dict, now_ms: int,
             state = "stale"
         out.append({"state": state, "alertname": name,
                     "subject": ", ".join(f"{k}={v}" for k, v in sorted(dict(labels).items())),
-                    "active_since": _iso(since_ms), "updated": _iso(updated), "value": value, "summary": summary,
+                    "active_since": iso_utc(since_ms), "updated": iso_utc(updated), "value": value, "summary": summary,
                     "description": desc})
     order = {"firing": 0, "pending": 1, "stale": 2, "resolved": 3}
     out.sort(key=lambda r: (order.get(r["state"], 9), r["alertname"], r["subject"], r["active_since"]))

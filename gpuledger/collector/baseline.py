@@ -59,10 +59,10 @@ import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import pyarrow as pa
 
+from gpuledger.clock import iso_utc
 from gpuledger.collector import allocation, billing, rollup
 from gpuledger.collector.allocation import Periods, price_breakpoints
 from gpuledger.collector.coverage import CoverageRules
@@ -206,10 +206,6 @@ class Deployments:
 DeploymentSource = Callable[[int, int], Deployments | None]  # (since_ms, until_ms) -> deployments, or None
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -311,7 +307,7 @@ def baseline_document(store: Store, pricing, since: int, until: int, now_ms: int
         missing.append("no cloud bill imported for this range (gpuledger bill import): total_cloud_cost, ai_share "
                        "and unwatched GPU spend need one; GPU cost is the telemetry's at catalog or override prices")
     elif span_lo is not None and (span_lo > since + 3_600_000 or span_hi < until - 3_600_000):
-        missing.append(f"the bill covers {_iso(max(span_lo, since))} to {_iso(min(span_hi, until))} of the range only")
+        missing.append(f"the bill covers {iso_utc(max(span_lo, since))} to {iso_utc(min(span_hi, until))} of the range only")
     instances = billing.billed_instances(groups, hosts)
     watched_hosts = {i.host_id for i in instances if i.host_id}
     unwatched = [i for i in instances if not i.host_id]
@@ -431,7 +427,7 @@ def baseline_document(store: Store, pricing, since: int, until: int, now_ms: int
          "method": f"bill rows in the range ({basis} cost, prorated by charge period), sorted into GPU instances, AI "
                    "services and the rest; plus API spend; plus the telemetry cost of GPU hosts no bill covers",
          "rests_on": [bill_note, api_note, f"telemetry of {len(host_cost)} host(s) ({price_note})"],
-         "covers": (f"the bill's rows from {_iso(span_lo)} to {_iso(span_hi)}" if has_bill and span_lo is not None
+         "covers": (f"the bill's rows from {iso_utc(span_lo)} to {iso_utc(span_hi)}" if has_bill and span_lo is not None
                     else "telemetry and API spend only: the cloud total is unknown"),
          "coverage_share": 1.0 if has_bill else None, "flags": []},
         {"id": "gpu_monitoring", "question": "How much of the GPU spend do agents watch?",
@@ -479,7 +475,7 @@ def baseline_document(store: Store, pricing, since: int, until: int, now_ms: int
                        f"endpoints idle {ep.idle_share or 0:.0%} of the GPU time they hold (above "
                        f"{ENDPOINT_IDLE_FLAG_ABOVE:.0%})")},
     ]
-    doc = {"since": _iso(since), "until": _iso(until), "cost_basis": basis, "currency": currency}
+    doc = {"since": iso_utc(since), "until": iso_utc(until), "cost_basis": basis, "currency": currency}
     for question in q:
         doc.update(question["answer"])
     doc.update({

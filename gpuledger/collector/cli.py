@@ -78,7 +78,6 @@ def serve(
 
 def _report(report: str, collector: str, since: str | None, until: str | None, by: str, filters: dict,
             token_file: str | None, ca_file: str | None = None):
-    import os
     import time
 
     now_ms = int(time.time() * 1000)
@@ -91,13 +90,12 @@ def _report(report: str, collector: str, since: str | None, until: str | None, b
     if since_ms >= until_ms:
         typer.echo(f"gpuledger: --since ({since or '7d'}) must be before --until ({until or 'now'})", err=True)
         raise typer.Exit(2)
-    from gpuledger.security import read_token
+    from gpuledger.security import client_credentials, read_token
 
     try:
-        token = read_token(token_file, "GPULEDGER_QUERY_TOKEN") if token_file or os.environ.get(
-            "GPULEDGER_QUERY_TOKEN") else None
-        creds = grpc.ssl_channel_credentials(open(ca_file, "rb").read()) if ca_file else None
-    except (ConfigError, OSError) as e:
+        token = read_token(token_file, "GPULEDGER_QUERY_TOKEN")
+        creds = client_credentials(ca_file)
+    except ConfigError as e:
         typer.echo(f"gpuledger: {e}", err=True)
         raise typer.Exit(2) from e
     try:
@@ -398,19 +396,17 @@ def retire(
       gpuledger collector retire gpu-node-17
       gpuledger collector retire spot-a100-3 --at 2026-11-20T03:15Z --note "spot reclaim"
     """
-    import os
     import time
 
     from gpuledger.client import retire_host
-    from gpuledger.security import read_token
+    from gpuledger.security import client_credentials, read_token
 
     now_ms = int(time.time() * 1000)
     try:
         at_ms = parse_time(at, now_ms, now_ms)
-        token = read_token(token_file, "GPULEDGER_ADMIN_TOKEN") if token_file or os.environ.get(
-            "GPULEDGER_ADMIN_TOKEN") else None
-        creds = grpc.ssl_channel_credentials(open(ca_file, "rb").read()) if ca_file else None
-    except (ValueError, ConfigError, OSError) as e:
+        token = read_token(token_file, "GPULEDGER_ADMIN_TOKEN")
+        creds = client_credentials(ca_file)
+    except (ValueError, ConfigError) as e:
         typer.echo(f"gpuledger collector retire: {e}", err=True)
         raise typer.Exit(2) from e
     try:

@@ -15,7 +15,6 @@ reach.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -30,7 +29,10 @@ import typer
 from gpuledger.client import parse_time
 from gpuledger.config import ConfigError
 from gpuledger.schema import to_ipc
+from gpuledger.security import client_credentials, read_token
 from gpuledger.v1 import telemetry_pb2 as pb
+
+ADMIN_TOKEN_ENV = "GPULEDGER_ADMIN_TOKEN"
 
 DEFAULT_COLLECTOR = "127.0.0.1:4700"
 PIECE_BYTES = 4 << 20  # Arrow body per chunk (the collector takes up to its max_batch_bytes)
@@ -225,18 +227,6 @@ def _issue_text(i: pb.ImportIssue) -> str:
 # ----------------------------------------------------------------------------- commands
 
 
-def _admin_token(token_file: str | None) -> str | None:
-    from gpuledger.security import read_token
-
-    if token_file or os.environ.get("GPULEDGER_ADMIN_TOKEN"):
-        return read_token(token_file, "GPULEDGER_ADMIN_TOKEN")
-    return None
-
-
-def _credentials(ca_file: str | None):
-    return grpc.ssl_channel_credentials(open(ca_file, "rb").read()) if ca_file else None
-
-
 def _print_reply(reply: pb.ImportReply, fmt: str, what: str, warnings: list[str]) -> None:
     d = reply_dict(reply)
     if warnings:
@@ -294,8 +284,8 @@ def bill_import(
       gpuledger bill import cur-2026-11-00001.parquet cur-2026-11-00002.parquet
     """
     warnings: list[str] = []
-    _run_import(lambda: import_bills(collector, files, _admin_token(token_file), _credentials(ca_file),
-                                     warnings=warnings), fmt, "bill", warnings)
+    _run_import(lambda: import_bills(collector, files, read_token(token_file, ADMIN_TOKEN_ENV),
+                                     client_credentials(ca_file), warnings=warnings), fmt, "bill", warnings)
 
 
 def api_spend_import(
@@ -323,8 +313,9 @@ def api_spend_import(
     if provider not in ("openai", "anthropic"):
         typer.echo("gpuledger api-spend import: --provider must be openai or anthropic", err=True)
         raise typer.Exit(2)
-    _run_import(lambda: import_api_spend(collector, files, provider, mapping, prices, _admin_token(token_file),
-                                         _credentials(ca_file)), fmt, "API spend", [])
+    _run_import(lambda: import_api_spend(collector, files, provider, mapping, prices,
+                                         read_token(token_file, ADMIN_TOKEN_ENV), client_credentials(ca_file)),
+                fmt, "API spend", [])
 
 
 def baseline(
@@ -352,8 +343,6 @@ def baseline(
       gpuledger baseline --since 30d --format json
     """
     from gpuledger.client import fetch_report
-    from gpuledger.security import read_token
-
     if fmt not in ("table", "json") or basis not in ("effective", "billed"):
         typer.echo("gpuledger baseline: --format must be table or json, --basis effective or billed", err=True)
         raise typer.Exit(2)
@@ -361,9 +350,8 @@ def baseline(
     try:
         since_ms = parse_time(since, now_ms, now_ms - 30 * 86_400_000)
         until_ms = parse_time(until, now_ms, now_ms)
-        token = read_token(token_file, "GPULEDGER_QUERY_TOKEN") if token_file or os.environ.get(
-            "GPULEDGER_QUERY_TOKEN") else None
-        creds = _credentials(ca_file)
+        token = read_token(token_file, "GPULEDGER_QUERY_TOKEN")
+        creds = client_credentials(ca_file)
     except (ValueError, ConfigError, OSError) as e:
         typer.echo(f"gpuledger baseline: {e}", err=True)
         raise typer.Exit(2) from e

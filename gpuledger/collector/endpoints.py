@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow.compute as pc
 
-from gpuledger.collector import allocation
+from gpuledger.collector import allocation, rollup
 from gpuledger.collector.allocation import MS_PER_HOUR, Periods, StateTally, price_breakpoints
 from gpuledger.collector.coverage import CoverageRules
 from gpuledger.collector.pricing import Pricing
@@ -218,9 +218,8 @@ def _held_rows(store: Store, since: int, until: int, endpoint: str, rates: dict[
     db = store.db
     ep_where = " AND tags['endpoint'] = {e:String}" if endpoint else ""
     use_where = " AND endpoint = {e:String}" if endpoint else ""
-    procs = f"SELECT host_id, pid, start_ms FROM {db}.processes FINAL WHERE tags['endpoint'] != ''{ep_where}"
-    eps = (f"(SELECT host_id, pid, start_ms, tags['endpoint'] AS ep FROM {db}.processes FINAL "
-           f"WHERE tags['endpoint'] != ''{ep_where})")
+    eps = rollup.ENDPOINT_PROCS.format(db=db, where=ep_where)  # the processes the rollup sums, by the same rule
+    procs = f"SELECT host_id, pid, start_ms FROM {eps}"
     raw = f"""SELECT host_id, pid, proc_start_ms, window_start_ms, held_ms, busy_ms
               FROM {db}.proc_windows FINAL
               WHERE window_start_ms >= {{since:Int64}} AND window_start_ms < {{until:Int64}} AND {plan.raw}
@@ -237,7 +236,7 @@ def _held_rows(store: Store, since: int, until: int, endpoint: str, rates: dict[
                        busy_ms AS b
                 FROM {db}.endpoint_use FINAL WHERE {plan.rollup}{use_where}
                 UNION ALL
-                SELECT p.ep, toString(r.host_id), r.window_start_ms, r.held_ms, r.busy_ms
+                SELECT p.endpoint, toString(r.host_id), r.window_start_ms, r.held_ms, r.busy_ms
                 FROM ({raw}) AS r
                 INNER JOIN {eps} AS p ON r.host_id = p.host_id AND r.pid = p.pid AND r.proc_start_ms = p.start_ms)
             GROUP BY ep, start ORDER BY ep, start""", params, store.report_settings())
@@ -245,7 +244,7 @@ def _held_rows(store: Store, since: int, until: int, endpoint: str, rates: dict[
     pairs = store.report_rows(
         f"""SELECT DISTINCT endpoint, toString(host_id) FROM {db}.endpoint_use WHERE {plan.rollup}{use_where}
             UNION DISTINCT
-            SELECT p.ep, toString(r.host_id) FROM (SELECT DISTINCT host_id, pid, proc_start_ms FROM ({raw})) AS r
+            SELECT p.endpoint, toString(r.host_id) FROM (SELECT DISTINCT host_id, pid, proc_start_ms FROM ({raw})) AS r
             INNER JOIN {eps} AS p ON r.host_id = p.host_id AND r.pid = p.pid AND r.proc_start_ms = p.start_ms""",
         params)
     hosts: dict[str, set] = {}

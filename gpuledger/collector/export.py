@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import json
-from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gpuledger.clock import iso_utc, month_bounds
 from gpuledger.collector import allocation
 from gpuledger.collector.allocation import HostRecord, Periods, price_breakpoints
 from gpuledger.collector.coverage import CoverageRules
@@ -58,16 +58,7 @@ class ExportError(ValueError):
     pass
 
 
-@functools.lru_cache(maxsize=65536)
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _month_bounds(ms: int) -> tuple[int, int]:
-    d = datetime.fromtimestamp(ms / 1000, UTC)
-    start = datetime(d.year, d.month, 1, tzinfo=UTC)
-    end = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+_iso = functools.lru_cache(maxsize=65536)(iso_utc)  # a month's rows share a few hundred period edges
 
 
 def _money(x: float | None) -> float | None:
@@ -104,7 +95,7 @@ def focus_rows(store: Store, pricing: Pricing, since: int, until: int, granulari
     for (g, lbl), parts in sorted(grouped.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         a = max(since, periods.grid_start + g * step)
         b = min(until, periods.grid_start + (g + 1) * step)
-        bill_start, bill_end = _month_bounds(a)
+        bill_start, bill_end = month_bounds(a)
         host_id, _, tags_json = lbl.partition(_SEP)
         h = hosts.get(host_id) or HostRecord(host_id)
         if lbl not in tags_text:

@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
+from gpuledger.clock import iso_utc
+
 CATALOG_FILE = "catalog/cloud-gpu-on-demand.csv"
 SNAPSHOT_FILE = "catalog/snapshot.csv"
 CATALOG_COLUMNS = ["provider", "region", "instance_type", "gpu_count", "gpu_model", "gpu_memory_gb",
@@ -117,7 +119,7 @@ def _ms(value, what: str = "effective_from") -> int:
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ms else ""
+    return iso_utc(ms) if ms else ""
 
 
 def _provider_id(value: str) -> str:

@@ -23,8 +23,8 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
+from gpuledger.clock import iso_utc
 from gpuledger.collector import allocation
 from gpuledger.collector.coverage import CoverageRules
 from gpuledger.collector.pricing import Pricing
@@ -114,10 +114,6 @@ def cost_fields(row: dict, price_source: str) -> dict | None:
     return out
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 @dataclass
 class SyncStats:
     passes: int = 0
@@ -205,7 +201,7 @@ class RunCostSync:
         if self._written.get(key) == (figures, status):
             return 0
         self.mlflow.log_cost(run, cost, timestamp_ms=now_ms)
-        self.mlflow.set_tags(run, {f"{PREFIX}cost_status": status, f"{PREFIX}cost_until": _iso(now_ms)})
+        self.mlflow.set_tags(run, {f"{PREFIX}cost_status": status, f"{PREFIX}cost_until": iso_utc(now_ms)})
         if status == "final" and (self._written.get(key) or (None, ""))[1] != "final":
             self.stats.finalized += 1
         self._written[key] = (figures, status)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gpuledger.clock import iso_utc, month_bounds
 from gpuledger.collector.pricing import Pricing
 
 FOCUS_12_COLUMNS = [
@@ -94,17 +95,6 @@ def resource_ids(provider: str, region: str, host_id: str) -> tuple[str, str]:
     return f"//compute.googleapis.com/projects/acme-ml/zones/{region}-a/instances/{gid}", gid
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _month_bounds(ms: int) -> tuple[int, int]:
-    d = datetime.fromtimestamp(ms / 1000, UTC)
-    start = datetime(d.year, d.month, 1, tzinfo=UTC)
-    end = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
-
-
 def _num(x: float) -> str:
     return f"{x:.10f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
 
@@ -146,16 +136,16 @@ def write_sim_bill(out_dir: str | Path, start_ms: int, end_ms: int, hosts=None, 
              resource_name=None, resource_type=None, region=None, sku=None, usage_type=None, quantity=None,
              unit=None, list_unit=None, tags=None, frequency="Usage-Based", instance_type=None, gpus=0) -> None:
         pname, account, account_name, _, zone = _PROVIDER[provider]
-        bp0, bp1 = _month_bounds(a)
+        bp0, bp1 = month_bounds(a)
         usage = category == "Usage"
         r = dict.fromkeys(FOCUS_12_COLUMNS, "")
         r.update({
             "AvailabilityZone": zone if (usage and resource_id and zone) else "",
             "BilledCost": _num(round(billed_cost, 10)), "BillingAccountId": account,
             "BillingAccountName": account_name, "BillingAccountType": "Billing Account",
-            "BillingCurrency": "USD", "BillingPeriodEnd": _iso(bp1), "BillingPeriodStart": _iso(bp0),
+            "BillingCurrency": "USD", "BillingPeriodEnd": iso_utc(bp1), "BillingPeriodStart": iso_utc(bp0),
             "ChargeCategory": category, "ChargeDescription": description, "ChargeFrequency": frequency,
-            "ChargePeriodEnd": _iso(b), "ChargePeriodStart": _iso(a),
+            "ChargePeriodEnd": iso_utc(b), "ChargePeriodStart": iso_utc(a),
             "ContractedCost": _num(round(effective, 10)), "EffectiveCost": _num(round(effective, 10)),
             "InvoiceId": f"INV-{datetime.fromtimestamp(bp0 / 1000, UTC):%Y-%m}-{provider.upper()}",
             "InvoiceIssuerName": pname, "ListCost": _num(round(list_cost, 10)),

@@ -76,6 +76,20 @@ def test_bad_input_exits_2(args):
     assert res.exit_code == 2, res.output
 
 
+@pytest.mark.parametrize("args", [
+    ["cost", "--by", "team"],
+    ["report", "html", "-o", "unused.html"],
+    ["bill", "import", "unused.csv"],
+    ["baseline"],
+    ["collector", "retire", "some-host"],
+])
+def test_a_missing_ca_certificate_exits_2_naming_it(args, tmp_path):
+    ca = tmp_path / "no-such-ca.pem"
+    res = runner.invoke(app, [*args, "--ca-file", str(ca), "--collector", UNREACHABLE])
+    assert res.exit_code == 2, res.output
+    assert f"CA certificate {ca}: No such file or directory" in res.output
+
+
 def test_unreachable_collector_exits_1():
     res = runner.invoke(app, ["cost", "--by", "team", "--since", "1h", "--collector", UNREACHABLE])
     assert res.exit_code == 1
